@@ -1,0 +1,12 @@
+"""mmar: unified multimodal autoregressive models (text LM head + per-token diffusion heads)."""
+
+from .config import MMARConfig
+from .heads import available_heads, build_head, register_head
+from .modeling import MMARModel, build_model
+from .sequence import Audio, Image, Message, MMARProcessor, Text
+from .tokenizers import available_tokenizers, build_tokenizer, register_tokenizer
+
+__version__ = "0.1.0"
+__all__ = ["MMARConfig", "MMARModel", "MMARProcessor", "build_model", "Text", "Image", "Audio", "Message",
+           "available_heads", "build_head", "register_head", "available_tokenizers", "build_tokenizer",
+           "register_tokenizer"]

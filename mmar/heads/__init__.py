@@ -1,0 +1,6 @@
+"""Heads, chosen by name in a config (see :mod:`mmar.heads.base`). The LM head is the backbone's."""
+
+from .base import Head, available_heads, build_head, register_head
+from .diffusion import DiffusionHead, SimpleMLPAdaLN
+
+__all__ = ["Head", "DiffusionHead", "SimpleMLPAdaLN", "available_heads", "build_head", "register_head"]

@@ -1,0 +1,169 @@
+"""MMARModel: a causal LLM backbone + input projections + per-modality heads.
+
+Text is embedded by the backbone's embedding table; continuous tokens are
+projected by a small MLP and scattered into ``inputs_embeds`` at their
+placeholder positions (LLaVA's ``masked_scatter``). The hidden state at ``t``
+conditions the prediction of token ``t + 1``: LM logits only where that token
+is text, the modality's head where it is a continuous token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .config import MMARConfig
+from .heads import SimpleMLPAdaLN, build_head
+from .sequence import IGNORE
+from .tokenizers import build_tokenizer, modality_token_ids
+
+
+@dataclass
+class MMAROutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
+    modality_losses: dict | None = None
+    hidden_states: torch.Tensor | None = None
+    past_key_values: object | None = None
+
+
+class MMARPreTrainedModel(PreTrainedModel):
+    config_class = MMARConfig
+    base_model_prefix = "mmar"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SimpleMLPAdaLN):
+            for layer in [b.ada[-1] for b in module.blocks] + [module.final_ada[-1], module.out]:
+                init.zeros_(layer.weight)
+                init.zeros_(layer.bias)
+
+
+class MMARModel(MMARPreTrainedModel):
+    def __init__(self, config: MMARConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_config(config.backbone_config)
+        hidden = config.backbone_config.hidden_size
+        self.projections = nn.ModuleDict()
+        self.pos_embeds = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for m, spec in config.modalities.items():
+            dim = spec["token_dim"]
+            self.projections[m] = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            if config.pos_embed:
+                self.pos_embeds[m] = nn.Embedding(spec["num_tokens"], hidden)
+            self.heads[m] = build_head(spec["head"], token_dim=dim, cond_dim=hidden)
+        self.placeholder = config.placeholder_ids()
+        self.post_init()
+
+    # -- pieces --------------------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return self.backbone.base_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.get_output_embeddings()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def embed_values(self, modality: str, values: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Project continuous tokens ``[n, token_dim]``; ``index`` = position of each within its item
+        (defaults to consecutive complete items)."""
+        if not torch.isfinite(values).all():
+            raise ValueError(f"{modality} tokens contain NaN or inf")
+        dtype = self.get_input_embeddings().weight.dtype
+        x = self.projections[modality](values.to(dtype))
+        if modality in self.pos_embeds:
+            n_per = self.config.modalities[modality]["num_tokens"]
+            if index is None:
+                index = torch.arange(values.shape[0], device=values.device) % n_per
+            x = x + self.pos_embeds[modality](index)
+        return x
+
+    def embed(self, input_ids: torch.Tensor, values: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        embeds = self.get_input_embeddings()(input_ids)
+        for m, ph in self.placeholder.items():
+            mask = input_ids == ph
+            n = int(mask.sum())
+            v = (values or {}).get(m)
+            have = 0 if v is None else v.shape[0]
+            if n != have:
+                raise ValueError(f"{n} {m} placeholder tokens in input_ids but {have} {m} tokens given")
+            if n:
+                embeds = embeds.masked_scatter(mask[..., None], self.embed_values(m, v).to(embeds.dtype))
+        return embeds
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, values=None, labels=None,
+                inputs_embeds=None, past_key_values=None, use_cache=False, **kwargs) -> MMAROutput:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, values)
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        if labels is None:
+            return MMAROutput(hidden_states=hidden, past_key_values=out.past_key_values)
+        return self.compute_loss(hidden, input_ids, labels, values, out.past_key_values)
+
+    def compute_loss(self, hidden, input_ids, labels, values, past_key_values=None) -> MMAROutput:
+        h, nxt = hidden[:, :-1], labels[:, 1:]
+        placeholders = torch.tensor(list(self.placeholder.values()), device=labels.device)
+        text = (nxt != IGNORE) & ~torch.isin(nxt, placeholders)
+        zero = hidden.sum() * 0.0  # keeps every parameter in the graph (DDP)
+        text_loss = F.cross_entropy(self.lm_head(h[text]).float(), nxt[text]) if text.any() else zero
+        losses = {}
+        for m, ph in self.placeholder.items():
+            target = nxt == ph
+            if not target.any():
+                losses[m] = zero
+                continue
+            trained = (labels == ph)[input_ids == ph]  # which of this modality's tokens are targets
+            losses[m] = self.heads[m].loss(h[target], values[m][trained].to(h.dtype))
+        loss = text_loss + self.config.diffusion_loss_weight * sum(losses.values(), zero)
+        return MMAROutput(loss=loss, text_loss=text_loss.detach(),
+                          modality_losses={m: v.detach() for m, v in losses.items()},
+                          past_key_values=past_key_values)
+
+
+AutoModel.register(MMARConfig, MMARModel)
+
+
+def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwargs) -> MMARModel:
+    """Build an MMARModel whose special-token ids come from ``tokenizer``.
+
+    ``backbone`` is either a config dict with ``model_type`` (train from scratch) or the path of a
+    local ``AutoModelForCausalLM`` checkpoint (its embeddings are resized for the new tokens).
+    """
+    ids = modality_token_ids(tokenizer, modalities)
+    specs = {}
+    for m, spec in modalities.items():
+        tok = build_tokenizer(spec["tokenizer"])
+        if tok.kind != "continuous":
+            raise ValueError(f"{m}: tokenizer {tok.name!r} is {tok.kind}; this head needs continuous tokens")
+        specs[m] = {**spec, "token_dim": tok.token_dim, "num_tokens": tok.num_tokens(), "token_ids": ids[m]}
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if isinstance(backbone, dict):
+        backbone = dict(backbone)
+        model_type = backbone.pop("model_type", "llama")
+        bb_config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **backbone)
+        config = MMARConfig(backbone_config=bb_config, modalities=specs, **config_kwargs)
+        return MMARModel(config)
+    bb = AutoModelForCausalLM.from_pretrained(backbone)
+    if bb.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        bb.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    config = MMARConfig(backbone_config=bb.config, modalities=specs, **config_kwargs)
+    return MMARModel(config, backbone=bb)

@@ -1,0 +1,219 @@
+"""Interleaved samples -> model inputs.
+
+A sample is a conversation: a list of :class:`Message` (role + segments), or a
+plain list of segments (one assistant turn: everything is trained on). Each
+image / audio segment becomes ``<|image_start|> <|image|>*N <|image_end|>``;
+the placeholders are replaced by projected continuous tokens in the model.
+
+Labels follow one rule: ``labels[t]`` is the token the model must predict at
+``t`` (``-100`` where nothing is trained). A placeholder id in ``labels``
+marks a continuous token that the modality's head learns to produce.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .tokenizers import ModalityTokenizer, build_tokenizer, modality_token_ids, modality_tokens
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Text:
+    text: str
+
+
+@dataclass
+class Image:
+    image: Any  # PIL image, uint8 array, float tensor [C, H, W] in [0, 1], or a path
+
+
+@dataclass
+class Audio:
+    waveform: Any  # 1-D array or a path
+    sampling_rate: int | None = None
+
+
+Segment = Text | Image | Audio
+_MODALITY_OF = {Image: "image", Audio: "audio"}
+
+
+@dataclass
+class Message:
+    role: str
+    content: list[Segment] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {ROLES}")
+        if isinstance(self.content, (str, Text, Image, Audio)):
+            self.content = [self.content]
+        self.content = [Text(s) if isinstance(s, str) else s for s in self.content]
+        for s in self.content:
+            if not isinstance(s, (Text, Image, Audio)):
+                raise TypeError(f"a message segment must be Text, Image or Audio, got {type(s).__name__}")
+
+
+def as_messages(sample: Any) -> list[Message]:
+    """Accept a list of Messages, chat dicts ``{"role", "content"}``, or bare segments (one assistant turn)."""
+    if isinstance(sample, (str, Text, Image, Audio)):
+        sample = [sample]
+    if not isinstance(sample, (list, tuple)) or len(sample) == 0:
+        raise ValueError("a sample must be a non-empty list of messages or segments")
+    if all(isinstance(m, Message) for m in sample):
+        return list(sample)
+    if all(isinstance(m, dict) and "role" in m for m in sample):
+        return [Message(m["role"], m.get("content", [])) for m in sample]
+    return [Message("assistant", list(sample))]
+
+
+@dataclass
+class Encoded:
+    """One sample laid out as token ids, labels and per-modality continuous tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    values: dict[str, list[torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class MMARProcessor:
+    """Text tokenizer + modality tokenizers + the layout rules; builds batches for the model."""
+
+    def __init__(self, tokenizer, modality_tokenizers: dict[str, ModalityTokenizer]):
+        self.tokenizer = tokenizer
+        self.modality_tokenizers = dict(modality_tokenizers)
+        self.token_ids = modality_token_ids(tokenizer, self.modality_tokenizers)
+        self.reserved = {tok: m for m in self.modality_tokenizers for tok in modality_tokens(m).values()}
+        self.reserved.update({t: "special" for t in tokenizer.all_special_tokens})
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    # -- segments -> ids -----------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("empty text segment: give some text, or leave the segment out")
+        for tok in self.reserved:
+            if tok in text:
+                raise ValueError(f"text {text[:40]!r} contains the reserved token {tok!r}; "
+                                 "pass images / audio as Image / Audio segments instead")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_item(self, segment: Image | Audio) -> tuple[str, torch.Tensor]:
+        modality = _MODALITY_OF[type(segment)]
+        if modality not in self.modality_tokenizers:
+            raise ValueError(f"this model has no {modality} tokenizer; it handles "
+                             f"{', '.join(self.modality_tokenizers) or 'text only'}")
+        tok = self.modality_tokenizers[modality]
+        raw = segment.image if modality == "image" else (segment.waveform, segment.sampling_rate)
+        try:
+            item = tok.preprocess(raw)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            where = f"{os.fspath(raw)}: " if isinstance(raw, (str, os.PathLike)) and os.fspath(raw) not in str(e) else ""
+            raise type(e)(f"{where}{modality} segment rejected: {e}") from e
+        return modality, tok.encode(item[None])[0]
+
+    def encode(self, sample: Any, *, add_generation_prompt: bool = False, drop_prompt: bool = False,
+               start_modality: str | None = None) -> Encoded:
+        """Lay out one sample. ``drop_prompt`` removes the non-assistant text (condition dropout);
+        ``add_generation_prompt`` leaves the sequence open for the model to answer, optionally
+        already inside a ``start_modality`` item (forced text-to-image)."""
+        messages = as_messages(sample)
+        ids: list[int] = [] if self.bos_id is None else [self.bos_id]
+        labels: list[int] = [IGNORE] * len(ids)
+        values: dict[str, list[torch.Tensor]] = {m: [] for m in self.modality_tokenizers}
+        for msg in messages:
+            train = msg.role == "assistant"
+            for seg in msg.content:
+                if isinstance(seg, Text):
+                    if drop_prompt and not train:
+                        continue
+                    new = self.encode_text(seg.text)
+                    ids += new
+                    labels += new if train else [IGNORE] * len(new)
+                else:
+                    modality, tokens = self.encode_item(seg)
+                    tid = self.token_ids[modality]
+                    new = [tid["start"]] + [tid["token"]] * tokens.shape[0] + [tid["end"]]
+                    ids += new
+                    labels += new if train else [IGNORE] * len(new)
+                    values[modality].append(tokens)
+            if train and self.eos_id is not None:
+                ids.append(self.eos_id)
+                labels.append(self.eos_id)
+        if add_generation_prompt and start_modality is not None:
+            if start_modality not in self.token_ids:
+                raise ValueError(f"cannot start a {start_modality!r} item: this model has no such tokenizer")
+            ids.append(self.token_ids[start_modality]["start"])
+            labels.append(IGNORE)
+        if len(ids) == 0:
+            raise ValueError("the sample is empty")
+        return Encoded(ids, labels, values)
+
+    # -- batches -------------------------------------------------------------------------------
+    def collate(self, encoded: list[Encoded], padding_side: str = "right") -> dict[str, Any]:
+        """Pad to the longest sample. Continuous tokens are concatenated in row-major order,
+        the order in which their placeholders appear in ``input_ids``."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        longest = max(len(e) for e in encoded)
+        input_ids = torch.full((len(encoded), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE)
+        mask = torch.zeros_like(input_ids)
+        for i, e in enumerate(encoded):
+            sl = slice(longest - len(e), longest) if padding_side == "left" else slice(0, len(e))
+            input_ids[i, sl] = torch.tensor(e.input_ids)
+            labels[i, sl] = torch.tensor(e.labels)
+            mask[i, sl] = 1
+        values = {}
+        for m, tok in self.modality_tokenizers.items():
+            items = [v for e in encoded for v in e.values[m]]
+            if items:
+                values[m] = torch.cat(items)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+                "labels": labels, "values": values}
+
+    def __call__(self, samples: list[Any], padding_side: str = "right", **kwargs) -> dict[str, Any]:
+        return self.collate([self.encode(s, **kwargs) for s in samples], padding_side=padding_side)
+
+    # -- outputs -------------------------------------------------------------------------------
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def decode_item(self, modality: str, tokens: torch.Tensor):
+        return self.modality_tokenizers[modality].decode(tokens[None])[0]
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.tokenizer.save_pretrained(directory)
+        for m, tok in self.modality_tokenizers.items():
+            tok.save_pretrained(os.path.join(directory, f"{m}_tokenizer"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, modality_specs: dict | None = None) -> MMARProcessor:
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"{directory}: no such model directory")
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        toks = {}
+        for name in sorted(os.listdir(directory)):
+            if name.endswith("_tokenizer") and os.path.isdir(os.path.join(directory, name)):
+                toks[name[: -len("_tokenizer")]] = ModalityTokenizer.from_pretrained(os.path.join(directory, name))
+        for m, spec in (modality_specs or {}).items():
+            toks.setdefault(m, build_tokenizer(spec))
+        return cls(tokenizer, toks)
+
+

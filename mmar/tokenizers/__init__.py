@@ -1,0 +1,9 @@
+"""Modality tokenizers, chosen by name in a config (see :mod:`mmar.tokenizers.base`)."""
+
+from .base import ModalityTokenizer, available_tokenizers, build_tokenizer, register_tokenizer
+from .image_patch import ImagePatchTokenizer
+from .text import add_modality_tokens, modality_token_ids, modality_tokens, train_bpe_tokenizer
+
+__all__ = ["ModalityTokenizer", "ImagePatchTokenizer", "available_tokenizers", "build_tokenizer",
+           "register_tokenizer", "add_modality_tokens", "modality_token_ids", "modality_tokens",
+           "train_bpe_tokenizer"]

@@ -1,0 +1,98 @@
+"""The modality-tokenizer interface and its registry.
+
+A modality tokenizer turns raw items of one modality (images, audio) into
+tokens the backbone reads and back. Continuous tokenizers give float tensors
+``[num_tokens, token_dim]`` (targets of a diffusion head); discrete ones give
+code ids ``[num_tokens]`` (targets of a codebook head).
+
+A new tokenizer is one file that subclasses :class:`ModalityTokenizer` and is
+decorated with ``@register_tokenizer("name")``; configs pick it by that name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, ClassVar
+
+import torch
+
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+_REGISTRY: dict[str, type[ModalityTokenizer]] = {}
+
+
+def register_tokenizer(name: str):
+    """Class decorator: make a tokenizer available to configs under ``name``."""
+
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"tokenizer name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_tokenizers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_tokenizer(spec: dict[str, Any]) -> ModalityTokenizer:
+    """Build a tokenizer from a config dict ``{"name": ..., **kwargs}``."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown tokenizer {name!r}; registered: {', '.join(available_tokenizers())}")
+    return _REGISTRY[name](**spec)
+
+
+class ModalityTokenizer:
+    """Base class. Subclasses set ``modality`` and ``kind`` and implement the four methods."""
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[str] = ""
+    kind: ClassVar[str] = "continuous"  # or "discrete"
+    can_decode: ClassVar[bool] = True
+
+    token_dim: int | None = None  # continuous tokens
+    vocab_size: int | None = None  # discrete tokens
+
+    def config(self) -> dict[str, Any]:
+        """The kwargs that rebuild this tokenizer (plus its registry name)."""
+        raise NotImplementedError
+
+    def num_tokens(self, item: Any = None) -> int:
+        """How many tokens ``item`` becomes (fixed-size tokenizers ignore ``item``)."""
+        raise NotImplementedError
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        """Validate and convert one raw item to a tensor; raise ``ValueError`` naming the problem."""
+        raise NotImplementedError
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed items ``[B, ...]`` -> tokens ``[B, num_tokens, token_dim]`` (or ``[B, num_tokens]``)."""
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> Any:
+        """Tokens ``[B, num_tokens, ...]`` -> a list of raw items."""
+        raise NotImplementedError
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, TOKENIZER_CONFIG_NAME), "w") as f:
+            json.dump({"name": self.name, **self.config()}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ModalityTokenizer:
+        path = os.path.join(directory, TOKENIZER_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no modality tokenizer config here")
+        with open(path) as f:
+            spec = json.load(f)
+        return build_tokenizer(spec)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"

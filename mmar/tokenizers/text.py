@@ -1,0 +1,54 @@
+"""Text tokenizers: a real Hugging Face tokenizer plus the multimodal special tokens.
+
+A from-scratch model gets a small byte-level BPE trained on its dataset's
+text with the ``tokenizers`` library; a pretrained backbone keeps its own
+tokenizer. Either way :func:`add_modality_tokens` adds ``<|image_start|>``,
+``<|image_end|>``, ``<|image|>`` (and the audio ones); every id is read back
+from the tokenizer, none is hard-coded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from transformers import PreTrainedTokenizerFast
+
+MODALITIES = ("image", "audio")
+
+
+def modality_tokens(modality: str) -> dict[str, str]:
+    return {"start": f"<|{modality}_start|>", "end": f"<|{modality}_end|>", "token": f"<|{modality}|>"}
+
+
+def add_modality_tokens(tokenizer, modalities: Iterable[str] = MODALITIES) -> dict[str, dict[str, int]]:
+    """Add the special tokens of each modality; return their ids ``{modality: {start, end, token}}``."""
+    new = [tok for m in modalities for tok in modality_tokens(m).values()]
+    tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    return modality_token_ids(tokenizer, modalities)
+
+
+def modality_token_ids(tokenizer, modalities: Iterable[str] = MODALITIES) -> dict[str, dict[str, int]]:
+    ids = {}
+    for m in modalities:
+        ids[m] = {}
+        for key, tok in modality_tokens(m).items():
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"the text tokenizer has no {tok!r} token; call add_modality_tokens first")
+            ids[m][key] = tid
+    return ids
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE on ``texts`` and wrap it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    special = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|eos|>", unk_token="<|unk|>")
