@@ -1,0 +1,139 @@
+"""Training arguments: plain dataclasses shared by the CLI and the Python API.
+
+YAML through ``--config`` sets values, command-line flags override them (TRL's
+convention); unknown keys are errors. Dict-valued options take YAML/JSON on
+the command line, e.g. ``--backbone '{hidden_size: 128}'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+def _default_modalities() -> dict:
+    return {"image": {"tokenizer": {"name": "image-patch", "image_size": 8, "patch_size": 2, "channels": 1},
+                      "head": {"name": "diffusion", "width": 256, "depth": 3}}}
+
+
+@dataclass
+class ModelArguments:
+    backbone: dict = field(default_factory=lambda: {
+        "model_type": "llama", "hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "intermediate_size": 512, "max_position_embeddings": 256})
+    """Config of an AutoModelForCausalLM to train from scratch (``model_type`` + kwargs)."""
+    backbone_path: str | None = None
+    """Local pretrained AutoModelForCausalLM directory; overrides ``backbone``."""
+    text_tokenizer: str | None = None
+    """Local tokenizer directory; default: the backbone's, or a BPE trained on the dataset's text."""
+    text_vocab_size: int = 512
+    modalities: dict = field(default_factory=_default_modalities)
+    diffusion_loss_weight: float = 1.0
+    cond_dropout_prob: float = 0.1
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataArguments:
+    dataset: str = "digits"
+    pairs_per_image: float = 0.5
+    num_workers: int = 0
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = "runs/digits"
+    seed: int = 0
+    max_steps: int = 2000
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    adam_beta2: float = 0.95
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    sample_steps: int = 0
+    """Write a sample grid every N steps (0: only at the end)."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint directory, or ``latest``."""
+    num_threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+    progress: bool = True
+
+
+ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    t = f.type
+    if isinstance(t, str):
+        t = eval(t, {"dict": dict, "str": str, "int": int, "float": float, "bool": bool, "None": None})  # noqa: S307
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _parse_dict(s: str) -> dict:
+    value = yaml.safe_load(s)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML/JSON mapping, got {s!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, classes=ALL_ARGUMENTS) -> None:
+    parser.add_argument("--config", help="YAML file with any of the options below; flags override it")
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__)
+        for f in dataclasses.fields(cls):
+            t = _field_type(f)
+            conv = {bool: _parse_bool, dict: _parse_dict}.get(t, t)
+            group.add_argument(f"--{f.name}", type=conv, default=None, metavar=t.__name__.upper())
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: config file not found")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a mapping of option: value")
+    return data
+
+
+def build_arguments(values: dict[str, Any], classes=ALL_ARGUMENTS, source: str = "config") -> tuple:
+    """Split a flat ``{option: value}`` mapping into the dataclasses; unknown keys are errors."""
+    known = {f.name: cls for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return tuple(cls(**{k: v for k, v in values.items() if known[k] is cls}) for cls in classes)
+
+
+def parse_arguments(ns: argparse.Namespace, classes=ALL_ARGUMENTS) -> tuple:
+    values = load_yaml(ns.config) if getattr(ns, "config", None) else {}
+    source = ns.config if getattr(ns, "config", None) else "arguments"
+    flags = {k: v for k, v in vars(ns).items() if v is not None and k not in ("config", "command", "func")}
+    return build_arguments({**values, **flags}, classes, source)

@@ -1,0 +1,192 @@
+"""The training loop: one accelerate loop for pre-training and fine-tuning.
+
+AdamW with warm-up + cosine decay, gradient accumulation, clipping, mixed
+precision, periodic ``save_state`` checkpoints (written atomically, oldest
+pruned), ``resume_from_checkpoint``, a progress bar, a JSONL log, a loss-curve
+PNG and sample grids, and a final ``save_pretrained`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+
+from ..modeling import build_model
+from ..sequence import MMARProcessor
+from ..tokenizers import add_modality_tokens, build_tokenizer, train_bpe_tokenizer
+from .arguments import DataArguments, ModelArguments, TrainingArguments
+from .data import Collator, build_dataset
+from .pictures import plot_loss_curve, preview_grid
+
+CHECKPOINTS = "checkpoints"
+
+
+def build_text_tokenizer(margs: ModelArguments, dataset):
+    path = margs.text_tokenizer or margs.backbone_path
+    if path:
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        tok = train_bpe_tokenizer(dataset.texts(), vocab_size=margs.text_vocab_size)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    add_modality_tokens(tok, list(margs.modalities))
+    return tok
+
+
+def build_everything(margs: ModelArguments, dataset):
+    tokenizer = build_text_tokenizer(margs, dataset)
+    backbone = margs.backbone_path or {**margs.backbone, "attn_implementation": margs.attn_implementation}
+    model = build_model(backbone, tokenizer, margs.modalities, diffusion_loss_weight=margs.diffusion_loss_weight,
+                        cond_dropout_prob=margs.cond_dropout_prob)
+    processor = MMARProcessor(tokenizer, {m: build_tokenizer(s["tokenizer"]) for m, s in margs.modalities.items()})
+    return model, processor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and embeddings of positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "pos_embeds" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()]
+    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[5:]))]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, limit: int) -> None:
+    """``save_state`` into a temporary directory, then rename: a checkpoint is whole or absent."""
+    root = os.path.join(output_dir, CHECKPOINTS)
+    final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f".tmp_step_{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resolve_checkpoint(output_dir: str, which: str | None) -> str | None:
+    if not which:
+        return None
+    if which == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(which, "trainer_state.json")):
+        raise FileNotFoundError(f"{which}: not a complete mmar checkpoint (no trainer_state.json)")
+    return which
+
+
+def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> str:
+    """Train and return the directory of the final model (loadable by ``MMARModel.from_pretrained``)."""
+    if targs.num_threads:
+        torch.set_num_threads(targs.num_threads)
+    acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
+                      mixed_precision=targs.mixed_precision, project_dir=targs.output_dir)
+    set_seed(targs.seed)
+    dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image)
+    model, processor = build_everything(margs, dataset)
+    collator = Collator(processor, margs.cond_dropout_prob)
+    loader = DataLoader(dataset, batch_size=targs.batch_size, shuffle=True, drop_last=True, collate_fn=collator,
+                        num_workers=dargs.num_workers, generator=torch.Generator().manual_seed(targs.seed))
+    opt = torch.optim.AdamW(param_groups(model, targs.weight_decay), lr=targs.learning_rate,
+                            betas=(0.9, targs.adam_beta2))
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps, targs.max_steps,
+                                                        min_lr_rate=targs.min_lr_ratio)
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
+    acc.register_for_checkpointing(sched)
+    os.makedirs(targs.output_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {len(dataset)} samples, {targs.max_steps} steps")
+
+    step, log_path = 0, os.path.join(targs.output_dir, "log.jsonl")
+    ckpt = resolve_checkpoint(targs.output_dir, targs.resume_from_checkpoint)
+    if ckpt:
+        acc.load_state(ckpt)
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            step = json.load(f)["step"]
+        acc.print(f"mmar: resumed from {ckpt} at step {step}")
+    elif acc.is_main_process and os.path.exists(log_path):
+        os.remove(log_path)
+    steps_per_epoch = len(loader) // targs.gradient_accumulation_steps
+    bar = tqdm(total=targs.max_steps, initial=step, desc="training", disable=not (targs.progress and acc.is_main_process))
+    start, tokens = time.time(), 0
+    model.train()
+    while step < targs.max_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+        batches = acc.skip_first_batches(loader, done_in_epoch * targs.gradient_accumulation_steps) \
+            if done_in_epoch else loader
+        for batch in batches:
+            with acc.accumulate(model):
+                out = model(**batch)
+                acc.backward(out.loss)
+                if acc.sync_gradients and targs.max_grad_norm:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), targs.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % targs.logging_steps == 0 or step == targs.max_steps:
+                row = {"step": step, "loss": out.loss.item(), "text_loss": out.text_loss.item(),
+                       **{f"{m}_loss": v.item() for m, v in out.modality_losses.items()},
+                       "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "elapsed_s": round(time.time() - start, 2), "tokens_per_s": round(tokens / (time.time() - start))}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
+                if acc.is_main_process:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
+                save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit)
+                if acc.is_main_process:
+                    plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
+            if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process:
+                preview(acc.unwrap_model(model), processor, dataset, targs, f"step_{step}")
+                model.train()
+            if step >= targs.max_steps:
+                break
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = acc.unwrap_model(model)
+        final.save_pretrained(targs.output_dir)
+        processor.save_pretrained(targs.output_dir)
+        plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
+        preview(final, processor, dataset, targs, "final")
+        acc.print(f"mmar: trained {step} steps in {time.time() - start:.0f}s; model saved to {targs.output_dir}")
+    acc.end_training()
+    return targs.output_dir
+
+
+def preview(model, processor, dataset, targs: TrainingArguments, name: str) -> None:
+    """A grid of generated samples from the dataset's preview prompts, if it has any."""
+    prompts = getattr(dataset, "preview_prompts", None)
+    if prompts is None:
+        return
+    path = os.path.join(targs.output_dir, "samples", f"{name}.png")
+    preview_grid(model, processor, prompts(), path, seed=targs.seed)
