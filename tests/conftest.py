@@ -1,0 +1,57 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mmar import MMARProcessor, build_model, build_tokenizer  # noqa: E402
+from mmar.datasets.digits import all_texts  # noqa: E402
+from mmar.tokenizers import add_modality_tokens, train_bpe_tokenizer  # noqa: E402
+
+TINY_BACKBONE = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128}
+TINY_MODALITIES = {"image": {"tokenizer": {"name": "image-patch", "image_size": 8, "patch_size": 2, "channels": 1},
+                             "head": {"width": 32, "depth": 2, "num_inference_steps": 5}}}
+
+
+def make_tiny(seed: int = 0, modalities=None, **config_kwargs):
+    torch.manual_seed(seed)
+    modalities = modalities or TINY_MODALITIES
+    tok = train_bpe_tokenizer(all_texts(), vocab_size=300)
+    add_modality_tokens(tok, list(modalities))
+    model = build_model(dict(TINY_BACKBONE), tok, modalities, **config_kwargs).eval()
+    # random (not zero) head outputs, so generation tests see the latents move
+    for p in model.heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    proc = MMARProcessor(tok, {m: build_tokenizer(s["tokenizer"]) for m, s in modalities.items()})
+    return model, proc
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny):
+    model, proc = tiny
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def digit_image():
+    from mmar.datasets.digits import load_digit_split
+
+    x, y = load_digit_split("test")
+    return x[0], int(y[0])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

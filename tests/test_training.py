@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from mmar import MMARModel
+from mmar.cli import main
+from mmar.training.arguments import build_arguments
+from mmar.training.data import Collator, build_dataset
+from tests.conftest import TINY_BACKBONE, TINY_MODALITIES
+
+
+def _tiny_config(tmp_path, **extra) -> str:
+    import yaml
+
+    cfg = {"output_dir": str(tmp_path / "run"), "backbone": TINY_BACKBONE, "modalities": TINY_MODALITIES,
+           "text_vocab_size": 300, "max_steps": 30, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 5,
+           "logging_steps": 5, "save_steps": 10, "save_total_limit": 2, "sample_steps": 0, "progress": False,
+           **extra}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_learns_and_saves_a_loadable_model(tmp_path):
+    assert main(["train", "--config", _tiny_config(tmp_path), "--max_steps", "40"]) == 0
+    run = tmp_path / "run"
+    rows = _losses(run)
+    assert rows[-1]["step"] == 40
+    assert rows[-1]["text_loss"] < 0.5 * rows[0]["text_loss"]  # it learns
+    assert rows[-1]["image_loss"] < rows[0]["image_loss"]
+    model = MMARModel.from_pretrained(run)
+    assert model.config.backbone_config.hidden_size == TINY_BACKBONE["hidden_size"]
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert (run / "samples" / "final.png").exists()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_20", "step_30"]  # save_total_limit keeps the newest two
+
+
+def test_resume_continues_the_same_losses(tmp_path):
+    cfg = _tiny_config(tmp_path, max_steps=20)
+    assert main(["train", "--config", cfg]) == 0
+    full = {r["step"]: r["loss"] for r in _losses(tmp_path / "run")}
+    assert main(["train", "--config", cfg, "--output_dir", str(tmp_path / "again"), "--max_steps", "10"]) == 0
+    assert main(["train", "--config", cfg, "--output_dir", str(tmp_path / "again"),
+                 "--resume_from_checkpoint", "latest"]) == 0
+    resumed = {r["step"]: r["loss"] for r in _losses(tmp_path / "again")}
+    assert resumed[20] == pytest.approx(full[20], rel=1e-4)
+
+
+def test_config_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown option\\(s\\) bogus"):
+        build_arguments({"bogus": 1})
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("learning_rate: 1e-3\nbogus: 2\n")
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "bad.yaml: unknown option(s) bogus" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_flags_override_yaml(tmp_path):
+    import argparse
+
+    from mmar.training.arguments import add_arguments, parse_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    m, d, t = parse_arguments(p.parse_args(["--config", _tiny_config(tmp_path), "--learning_rate", "0.5",
+                                            "--backbone", "{model_type: llama, hidden_size: 16}"]))
+    assert t.learning_rate == 0.5 and t.max_steps == 30 and m.backbone["hidden_size"] == 16
+
+
+def test_condition_dropout_empties_generation_prompts(tiny):
+    _, proc = tiny
+    ds = build_dataset("digits")
+    t2i = [ds[i] for i in range(len(ds)) if ds.index[i][0] == "t2i"][:200]
+    torch.manual_seed(0)
+    batch = Collator(proc, cond_dropout_prob=0.5)(t2i)
+    start = proc.token_ids["image"]["start"]
+    dropped = int((batch["input_ids"][:, 1] == start).sum())
+    assert 60 < dropped < 140
+    i2t = [ds[i] for i in range(len(ds)) if ds.index[i][0] == "i2t"][:50]
+    assert (Collator(proc, cond_dropout_prob=1.0)(i2t)["input_ids"][:, 1] != start).all()
