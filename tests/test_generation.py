@@ -101,6 +101,7 @@ def test_text_mode_never_opens_an_item_and_stops_at_limit(tiny):
     model, proc = tiny
     start = proc.token_ids["image"]["start"]
     # make <|image_start|> the most likely token: text mode must still never pick it
+    saved = model.lm_head.weight.detach().clone()
     with torch.no_grad():
         model.lm_head.weight[start] += 5.0
     try:
@@ -110,7 +111,7 @@ def test_text_mode_never_opens_an_item_and_stops_at_limit(tiny):
                     max_new_tokens=5, temperature=0.0, max_items=2)
     finally:
         with torch.no_grad():
-            model.lm_head.weight[start] -= 5.0
+            model.lm_head.weight.copy_(saved)
     assert start not in out.token_ids[0] and len(out.token_ids[0]) <= 6
     assert all(isinstance(s, str) for s in out.segments[0])
     assert auto.token_ids[0].count(start) == 2  # auto mode follows the model, up to max_items

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from ..sequence import Image, Message
@@ -74,6 +75,9 @@ class DigitsDataset(Dataset):
     seed: int = 0
     pairs_per_image: float = 0.5
     kinds: tuple[str, ...] = ("t2i", "i2t", "pair")
+    shift_prob: float = 0.0
+    """Probability that an image shown to the model (image-to-text) is shifted by one pixel;
+    generation targets are never shifted. Draws use torch's global RNG (restored on resume)."""
 
     def __post_init__(self):
         self.images, self.labels = load_digit_split(self.split)
@@ -92,6 +96,16 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def shifted(self, image: np.ndarray) -> np.ndarray:
+        if self.shift_prob <= 0 or float(torch.rand(())) >= self.shift_prob:
+            return image
+        dy, dx = (int(v) for v in torch.randint(-1, 2, (2,)))
+        out = np.zeros_like(image)
+        h, w = image.shape
+        out[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)] = \
+            image[max(-dy, 0): h + min(-dy, 0), max(-dx, 0): w + min(-dx, 0)]
+        return out
+
     @staticmethod
     def texts() -> list[str]:
         return all_texts()
@@ -105,7 +119,7 @@ class DigitsDataset(Dataset):
         if kind == "t2i":
             return [Message("user", t2i_prompt(int(self.labels[i]), v)), Message("assistant", [Image(self.images[i])])]
         if kind == "i2t":
-            return [Message("user", [Image(self.images[i]), i2t_prompt(v)]),
+            return [Message("user", [Image(self.shifted(self.images[i])), i2t_prompt(v)]),
                     Message("assistant", str(int(self.labels[i])))]
         a, b = i
         return [Message("user", pair_prompt(int(self.labels[a]), int(self.labels[b]), v)),

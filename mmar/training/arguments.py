@@ -44,6 +44,8 @@ class ModelArguments:
 class DataArguments:
     dataset: str = "digits"
     pairs_per_image: float = 0.5
+    shift_prob: float = 0.0
+    """digits: chance that an image-to-text input is shifted by one pixel (augmentation)."""
     num_workers: int = 0
 
 

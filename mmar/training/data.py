@@ -21,10 +21,10 @@ def register_dataset(name: str):
 
 
 @register_dataset("digits")
-def _digits(split: str, seed: int = 0, pairs_per_image: float = 0.5, **_) -> Dataset:
+def _digits(split: str, seed: int = 0, pairs_per_image: float = 0.5, shift_prob: float = 0.0, **_) -> Dataset:
     from ..datasets.digits import DigitsDataset
 
-    return DigitsDataset(split=split, seed=seed, pairs_per_image=pairs_per_image)
+    return DigitsDataset(split=split, seed=seed, pairs_per_image=pairs_per_image, shift_prob=shift_prob)
 
 
 def build_dataset(name: str, split: str = "train", **kwargs) -> Dataset:

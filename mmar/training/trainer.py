@@ -105,7 +105,8 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
                       mixed_precision=targs.mixed_precision, project_dir=targs.output_dir)
     set_seed(targs.seed)
-    dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image)
+    dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image,
+                            shift_prob=dargs.shift_prob)
     model, processor = build_everything(margs, dataset)
     collator = Collator(processor, margs.cond_dropout_prob)
     loader = DataLoader(dataset, batch_size=targs.batch_size, shuffle=True, drop_last=True, collate_fn=collator,

@@ -1,0 +1,33 @@
+"""Shared helpers: each benchmark rewrites its own section of BENCHMARKS.md, keeping the others."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATH = os.path.join(ROOT, "BENCHMARKS.md")
+HEADER = "# Benchmarks\n\nRows are written by the scripts in `benchmarks/` (`make bench`); each section says how it was made.\n"
+
+
+def machine() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
+            f"python {platform.python_version()}, {datetime.date.today().isoformat()}")
+
+
+def update_section(name: str, body: str) -> None:
+    text = open(PATH).read() if os.path.exists(PATH) else HEADER
+    block = f"<!-- {name}:start -->\n{body.rstrip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = PATH + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, PATH)
