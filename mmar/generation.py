@@ -64,8 +64,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
              decode_text=None, mode: str = "auto", max_new_tokens: int = 64, max_items: int = 4,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, guidance_scale: float = 1.0,
              image_temperature: float = 1.0, num_inference_steps: int | None = None, generator=None,
-             suppress_ids: list[int] | None = None, use_cache: bool = True,
-             progress: bool = False) -> GenerationOutput:
+             suppress_ids: list[int] | None = None, use_cache: bool = True, progress: bool = False,
+             callback=None) -> GenerationOutput:
     """Sample continuations of a left-padded batch (see :meth:`MMARProcessor.collate`).
 
     ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; ``"image"`` / ``"audio"``
@@ -157,6 +157,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
             r = rows[b]
             new_ids[b] = end_of[r.item]
             r.segments.append((r.item, torch.stack(r.latents)))
+            if callback is not None:
+                callback(b, r.segments[-1])
             r.item, r.k, r.latents = None, 0, []
             cond_col[b] = 1
 
@@ -177,6 +179,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
                 if tok == eos:
                     r.flush_text(decode_text)
                     r.done = True
+                    if callback is not None:
+                        callback(b, None)
                 elif tok in start_of:
                     r.flush_text(decode_text)
                     r.item, r.k = start_of[tok], 0
@@ -188,6 +192,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
                 else:
                     r.text.append(tok)
                     r.n_text += 1
+                    if callback is not None:
+                        callback(b, tok)
             text_ids = torch.tensor(toks, device=device)
             next_embed[text_rows] = model.get_input_embeddings()(text_ids).to(next_embed.dtype)
         for b in closing:
@@ -208,10 +214,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
         if not use_cache:
             all_embeds = torch.cat([all_embeds, step], dim=1)
     bar.close()
-    for r in rows:
+    for b, r in enumerate(rows):
         r.flush_text(decode_text)
         if r.item is not None and r.latents:  # limit reached inside an item: keep what is complete
             r.segments.append((r.item, torch.stack(r.latents)))
+            if callback is not None:
+                callback(b, r.segments[-1])
+        if callback is not None and not r.done:
+            callback(b, None)
     return GenerationOutput(segments=[r.segments for r in rows], token_ids=[r.ids for r in rows])
 
 

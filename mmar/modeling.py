@@ -122,7 +122,7 @@ class MMARModel(MMARPreTrainedModel):
         h, nxt = hidden[:, :-1], labels[:, 1:]
         placeholders = torch.tensor(list(self.placeholder.values()), device=labels.device)
         text = (nxt != IGNORE) & ~torch.isin(nxt, placeholders)
-        zero = hidden.sum() * 0.0  # keeps every parameter in the graph (DDP)
+        zero = hidden.sum() * 0.0 + 0.0  # keeps the graph connected (DDP); "+ 0.0" turns -0.0 into 0.0
         text_loss = F.cross_entropy(self.lm_head(h[text]).float(), nxt[text]) if text.any() else zero
         losses = {}
         for m, ph in self.placeholder.items():

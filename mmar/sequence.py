@@ -185,6 +185,55 @@ class MMARProcessor:
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
                 "labels": labels, "values": values}
 
+    def pack(self, encoded: list[Encoded], max_length: int) -> dict[str, Any]:
+        """Pack samples into rows of ``max_length`` tokens (first-fit decreasing) instead of padding.
+
+        Position ids restart at 0 for every sample and ``attention_mask`` is ``None``: the backbone
+        then builds a block-diagonal causal mask from the position ids, so no sample sees another.
+        ``seq_lens`` lists each row's sample lengths (padding fills the rest of the row) and
+        ``sample_index`` which of ``encoded`` each sample is."""
+        too_long = [len(e) for e in encoded if len(e) > max_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} sample(s) longer than max_length={max_length} "
+                             f"(longest {max(too_long)} tokens)")
+        rows: list[list[Encoded]] = []
+        index: list[list[int]] = []
+        free: list[int] = []
+        for k in sorted(range(len(encoded)), key=lambda k: len(encoded[k]), reverse=True):
+            e = encoded[k]
+            i = next((i for i, f in enumerate(free) if f >= len(e)), None)
+            if i is None:
+                rows.append([])
+                index.append([])
+                free.append(max_length)
+                i = len(rows) - 1
+            rows[i].append(e)
+            index[i].append(k)
+            free[i] -= len(e)
+        input_ids = torch.full((len(rows), max_length), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE)
+        position_ids = torch.zeros_like(input_ids)
+        seq_lens: list[list[int]] = []
+        for r, row in enumerate(rows):
+            at, lens = 0, []
+            for e in row:
+                n = len(e)
+                input_ids[r, at: at + n] = torch.tensor(e.input_ids)
+                labels[r, at + 1: at + n] = torch.tensor(e.labels[1:])  # never predicted from the previous sample
+                position_ids[r, at: at + n] = torch.arange(n)
+                lens.append(n)
+                at += n
+            position_ids[r, at:] = torch.arange(max_length - at)
+            seq_lens.append(lens)
+        values = {}
+        for m in self.modality_tokenizers:
+            items = [v for row in rows for e in row for v in e.values[m]]
+            if items:
+                values[m] = torch.cat(items)
+        return {"input_ids": input_ids, "attention_mask": None, "position_ids": position_ids,
+                "labels": labels, "values": values, "seq_lens": seq_lens,
+                "sample_index": index}
+
     def __call__(self, samples: list[Any], padding_side: str = "right", **kwargs) -> dict[str, Any]:
         return self.collate([self.encode(s, **kwargs) for s in samples], padding_side=padding_side)
 

@@ -55,3 +55,22 @@ def digit_image():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """A digits model that has really learned (configs/digits-quick.yaml, ~2 min on 2 cores).
+
+    Trained once per test session; set MMAR_TEST_MODEL=DIR to reuse a trained directory."""
+    import pathlib
+
+    from mmar.cli import main
+
+    given = os.environ.get("MMAR_TEST_MODEL")
+    if given:
+        return pathlib.Path(given)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("digits_quick")
+    assert main(["train", "--config", str(root / "configs" / "digits-quick.yaml"), "--output_dir", str(out),
+                 "--progress", "false"]) == 0
+    return out

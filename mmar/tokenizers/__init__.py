@@ -2,8 +2,9 @@
 
 from .base import ModalityTokenizer, available_tokenizers, build_tokenizer, register_tokenizer
 from .image_patch import ImagePatchTokenizer
+from .image_vae import ImageVAETokenizer
 from .text import add_modality_tokens, modality_token_ids, modality_tokens, train_bpe_tokenizer
 
-__all__ = ["ModalityTokenizer", "ImagePatchTokenizer", "available_tokenizers", "build_tokenizer",
+__all__ = ["ModalityTokenizer", "ImagePatchTokenizer", "ImageVAETokenizer", "available_tokenizers", "build_tokenizer",
            "register_tokenizer", "add_modality_tokens", "modality_token_ids", "modality_tokens",
            "train_bpe_tokenizer"]

@@ -91,7 +91,15 @@ class ModalityTokenizer:
             raise FileNotFoundError(f"{path}: no modality tokenizer config here")
         with open(path) as f:
             spec = json.load(f)
-        return build_tokenizer(spec)
+        name = spec.pop("name", None)
+        if name not in _REGISTRY:
+            raise ValueError(f"{path}: unknown tokenizer {name!r}; registered: {', '.join(available_tokenizers())}")
+        return _REGISTRY[name].from_config(spec, directory)
+
+    @classmethod
+    def from_config(cls, spec: dict[str, Any], directory: str | os.PathLike) -> ModalityTokenizer:
+        """Rebuild from a saved config; tokenizers with weights resolve them inside ``directory``."""
+        return cls(**spec)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

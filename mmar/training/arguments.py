@@ -31,6 +31,10 @@ class ModelArguments:
     """Config of an AutoModelForCausalLM to train from scratch (``model_type`` + kwargs)."""
     backbone_path: str | None = None
     """Local pretrained AutoModelForCausalLM directory; overrides ``backbone``."""
+    init_from: str | None = None
+    """A saved MMAR model directory to fine-tune (its tokenizers and modalities are kept)."""
+    lora: dict | None = None
+    """LoRA on the backbone, e.g. ``{r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}``."""
     text_tokenizer: str | None = None
     """Local tokenizer directory; default: the backbone's, or a BPE trained on the dataset's text."""
     text_vocab_size: int = 512
@@ -43,6 +47,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = "digits"
+    """``digits`` (built in) or ``jsonl`` (your chat records, see mmar/training/jsonl.py)."""
+    data_files: str | None = None
+    """For ``jsonl``: a .jsonl / .json / .parquet file; media paths are relative to it."""
+    packing: bool = False
+    """Pack samples into rows of ``max_length`` tokens (block-diagonal attention) instead of padding."""
+    max_length: int = 256
     pairs_per_image: float = 0.5
     shift_prob: float = 0.0
     """digits: chance that an image-to-text input is shifted by one pixel (augmentation)."""
@@ -73,6 +83,8 @@ class TrainingArguments:
     num_threads: int = 0
     """torch intra-op threads (0: torch's default)."""
     progress: bool = True
+    log_with: str | None = None
+    """An accelerate tracker, e.g. ``tensorboard`` (needs the package)."""
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)

@@ -27,6 +27,15 @@ def _digits(split: str, seed: int = 0, pairs_per_image: float = 0.5, shift_prob:
     return DigitsDataset(split=split, seed=seed, pairs_per_image=pairs_per_image, shift_prob=shift_prob)
 
 
+@register_dataset("jsonl")
+def _jsonl(split: str, data_files: str | list[str] | None = None, **_) -> Dataset:
+    from .jsonl import ChatDataset
+
+    if not data_files:
+        raise ValueError("dataset 'jsonl' needs data_files: a .jsonl / .json / .parquet path")
+    return ChatDataset(data_files, split=split)
+
+
 def build_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; built in: {', '.join(sorted(_DATASETS))}")
@@ -39,17 +48,60 @@ def is_generation_sample(sample) -> bool:
                for m in as_messages(sample))
 
 
+class BadSample(str):
+    """Stands in for a record that could not be read; its text is the reason."""
+
+
+class SafeDataset(Dataset):
+    """Wraps a dataset so that a bad record becomes a :class:`BadSample` instead of an exception."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        try:
+            return self.dataset[idx]
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            return BadSample(str(e))
+
+
 class Collator:
     """Encode samples with the processor; with probability ``cond_dropout_prob`` a generation
     sample loses its prompt text, so classifier-free guidance has an unconditional branch.
-    The draws use torch's global RNG, which accelerate saves and restores with a checkpoint."""
+    The draws use torch's global RNG, which accelerate saves and restores with a checkpoint.
 
-    def __init__(self, processor: MMARProcessor, cond_dropout_prob: float = 0.0):
-        self.processor, self.p = processor, cond_dropout_prob
+    Bad samples (unreadable records, rejected images, reserved tokens in text) are skipped and
+    counted in ``skipped``, with the first reasons in ``reasons``. With ``pack_length`` samples are
+    packed into rows of that many tokens (:meth:`MMARProcessor.pack`) instead of padded."""
 
-    def __call__(self, samples: list) -> dict:
+    def __init__(self, processor: MMARProcessor, cond_dropout_prob: float = 0.0, pack_length: int = 0):
+        self.processor, self.p, self.pack_length = processor, cond_dropout_prob, pack_length
+        self.skipped, self.reasons = 0, []
+
+    def __call__(self, samples: list) -> dict | None:
         enc = []
         for s in samples:
-            drop = self.p > 0 and is_generation_sample(s) and float(torch.rand(())) < self.p
-            enc.append(self.processor.encode(s, drop_prompt=drop))
+            try:
+                if isinstance(s, BadSample):
+                    raise ValueError(s)
+                drop = self.p > 0 and is_generation_sample(s) and float(torch.rand(())) < self.p
+                enc.append(self.processor.encode(s, drop_prompt=drop))
+            except (ValueError, TypeError, OSError) as e:
+                self.skipped += 1
+                if len(self.reasons) < 3:
+                    self.reasons.append(str(e))
+        if self.pack_length:
+            keep = [e for e in enc if len(e) <= self.pack_length]
+            for _ in range(len(enc) - len(keep)):
+                self.skipped += 1
+                if len(self.reasons) < 3:
+                    self.reasons.append(f"sample longer than max_length={self.pack_length}")
+            enc = keep
+        if not enc:
+            return None
+        if self.pack_length:
+            return self.processor.pack(enc, self.pack_length)
         return self.processor.collate(enc, padding_side="right")

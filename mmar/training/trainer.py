@@ -16,7 +16,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
@@ -25,7 +25,7 @@ from ..modeling import build_model
 from ..sequence import MMARProcessor
 from ..tokenizers import add_modality_tokens, build_tokenizer, train_bpe_tokenizer
 from .arguments import DataArguments, ModelArguments, TrainingArguments
-from .data import Collator, build_dataset
+from .data import Collator, SafeDataset, build_dataset
 from .pictures import plot_loss_curve, preview_grid
 
 CHECKPOINTS = "checkpoints"
@@ -44,12 +44,33 @@ def build_text_tokenizer(margs: ModelArguments, dataset):
 
 
 def build_everything(margs: ModelArguments, dataset):
+    if margs.init_from:
+        from ..modeling import MMARModel
+
+        if not os.path.isfile(os.path.join(margs.init_from, "config.json")):
+            raise FileNotFoundError(f"{margs.init_from}: not a saved mmar model directory (no config.json)")
+        return MMARModel.from_pretrained(margs.init_from), MMARProcessor.from_pretrained(margs.init_from)
     tokenizer = build_text_tokenizer(margs, dataset)
     backbone = margs.backbone_path or {**margs.backbone, "attn_implementation": margs.attn_implementation}
     model = build_model(backbone, tokenizer, margs.modalities, diffusion_loss_weight=margs.diffusion_loss_weight,
                         cond_dropout_prob=margs.cond_dropout_prob)
     processor = MMARProcessor(tokenizer, {m: build_tokenizer(s["tokenizer"]) for m, s in margs.modalities.items()})
     return model, processor
+
+
+def with_lora(model, processor, margs: ModelArguments, output_dir: str, acc: Accelerator):
+    """Wrap with LoRA. The adapter must find its exact base again: a base built here (not loaded
+    from ``init_from``) is saved to ``output_dir/base`` first."""
+    from .lora import apply_lora
+
+    base = margs.init_from
+    if base is None:
+        base = os.path.join(output_dir, "base")
+        if acc.is_main_process:
+            model.save_pretrained(base)
+            processor.save_pretrained(base)
+        acc.wait_for_everyone()
+    return apply_lora(model, dict(margs.lora), base_path=base)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -103,14 +124,21 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     if targs.num_threads:
         torch.set_num_threads(targs.num_threads)
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
-                      mixed_precision=targs.mixed_precision, project_dir=targs.output_dir)
+                      mixed_precision=targs.mixed_precision, project_dir=targs.output_dir,
+                      log_with=targs.log_with,
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if targs.log_with:
+        acc.init_trackers("mmar")
     set_seed(targs.seed)
     dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image,
-                            shift_prob=dargs.shift_prob)
+                            shift_prob=dargs.shift_prob, data_files=dargs.data_files)
     model, processor = build_everything(margs, dataset)
-    collator = Collator(processor, margs.cond_dropout_prob)
-    loader = DataLoader(dataset, batch_size=targs.batch_size, shuffle=True, drop_last=True, collate_fn=collator,
-                        num_workers=dargs.num_workers, generator=torch.Generator().manual_seed(targs.seed))
+    if margs.lora:
+        model = with_lora(model, processor, margs, targs.output_dir, acc)
+    collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0)
+    loader = DataLoader(SafeDataset(dataset), batch_size=targs.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collator, num_workers=dargs.num_workers,
+                        generator=torch.Generator().manual_seed(targs.seed))
     opt = torch.optim.AdamW(param_groups(model, targs.weight_decay), lr=targs.learning_rate,
                             betas=(0.9, targs.adam_beta2))
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps, targs.max_steps,
@@ -132,7 +160,7 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         os.remove(log_path)
     steps_per_epoch = len(loader) // targs.gradient_accumulation_steps
     bar = tqdm(total=targs.max_steps, initial=step, desc="training", disable=not (targs.progress and acc.is_main_process))
-    start, tokens = time.time(), 0
+    start, tokens, skipped_before = time.time(), 0, 0
     model.train()
     while step < targs.max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -140,6 +168,10 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         batches = acc.skip_first_batches(loader, done_in_epoch * targs.gradient_accumulation_steps) \
             if done_in_epoch else loader
         for batch in batches:
+            if batch is None:  # every sample of this batch was bad (counted by the collator)
+                continue
+            n_tokens = sum(map(sum, batch.pop("seq_lens"))) if "seq_lens" in batch else int(batch["attention_mask"].sum())
+            batch.pop("sample_index", None)
             with acc.accumulate(model):
                 out = model(**batch)
                 acc.backward(out.loss)
@@ -148,20 +180,24 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += n_tokens
             if not acc.sync_gradients:
                 continue
             step += 1
             bar.update(1)
             if step % targs.logging_steps == 0 or step == targs.max_steps:
-                row = {"step": step, "loss": out.loss.item(), "text_loss": out.text_loss.item(),
-                       **{f"{m}_loss": v.item() for m, v in out.modality_losses.items()},
+                parts = torch.stack([out.loss.detach(), out.text_loss, *out.modality_losses.values()])
+                parts = acc.reduce(parts, "mean").tolist()  # averaged over processes
+                row = {"step": step, "loss": parts[0], "text_loss": parts[1],
+                       **{f"{m}_loss": v for m, v in zip(out.modality_losses, parts[2:])},
                        "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "elapsed_s": round(time.time() - start, 2), "tokens_per_s": round(tokens / (time.time() - start))}
                 bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
                 if acc.is_main_process:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                if targs.log_with:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
                 save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit)
                 if acc.is_main_process:
@@ -171,6 +207,10 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
                 model.train()
             if step >= targs.max_steps:
                 break
+        if collator.skipped > skipped_before:
+            acc.print(f"mmar: epoch {epoch}: skipped {collator.skipped - skipped_before} bad sample(s) "
+                      f"({collator.skipped} in all); e.g. {'; '.join(dict.fromkeys(collator.reasons))}")
+            skipped_before, collator.reasons = collator.skipped, []
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -1,0 +1,200 @@
+"""Fine-tuning: user JSONL data, LoRA (peft), packing, resume after SIGKILL, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from mmar import MMARModel, MMARProcessor
+from mmar.cli import main
+from mmar.datasets import DigitsDataset, load_digit_split
+from mmar.training.lora import apply_lora
+from tests.conftest import TINY_MODALITIES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory):
+    """A user's dataset: 40 image-to-text and text-to-image chats with relative image paths, plus 2 bad records."""
+    root = tmp_path_factory.mktemp("user_data")
+    (root / "imgs").mkdir()
+    x, y = load_digit_split("train")
+    with open(root / "chats.jsonl", "w") as f:
+        for i in range(40):
+            PILImage.fromarray(x[i]).save(root / "imgs" / f"{i}.png")
+            if i % 2:
+                rec = [{"role": "user", "content": [{"type": "image", "path": f"imgs/{i}.png"},
+                                                    {"type": "text", "text": "which digit is this?"}]},
+                       {"role": "assistant", "content": str(y[i])}]
+            else:
+                rec = [{"role": "user", "content": f"draw a {y[i]}"},
+                       {"role": "assistant", "content": [{"type": "image", "path": f"imgs/{i}.png"}]}]
+            f.write(json.dumps({"messages": rec}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "imgs/gone.png"}]},
+                                         {"role": "assistant", "content": "1"}]}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "type <|image|> here"},
+                                         {"role": "assistant", "content": "no"}]}) + "\n")
+    return root / "chats.jsonl"
+
+
+def _outputs(model, batch):
+    with torch.no_grad():
+        h = model(batch["input_ids"], batch["attention_mask"], values=batch["values"]).hidden_states
+        return h, model.lm_head(h) if hasattr(model, "lm_head") else None
+
+
+def test_lora_on_a_saved_llama_backbone_reloads_and_merges(tmp_path, tiny):
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmar import build_model
+
+    _, proc = tiny
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64)).save_pretrained(tmp_path / "llama")
+    model = build_model(str(tmp_path / "llama"), proc.tokenizer, TINY_MODALITIES)
+    model.save_pretrained(tmp_path / "base")
+    proc.save_pretrained(tmp_path / "base")
+    peft_model = apply_lora(MMARModel.from_pretrained(tmp_path / "base"), {"r": 4, "alpha": 8},
+                            base_path=str(tmp_path / "base"))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("heads.image" in n for n in trainable)
+    assert any("trainable_tokens" in n for n in trainable)
+    assert not any("embed_tokens.base_layer" in n or n.endswith("embed_tokens.weight") for n in trainable)
+    ds = DigitsDataset()
+    batch = proc([ds[i] for i in range(8)])
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        loss = peft_model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    proc.save_pretrained(tmp_path / "adapter")
+
+    reloaded = PeftModel.from_pretrained(MMARModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    h, _ = _outputs(peft_model, batch)
+    h2, _ = _outputs(reloaded, batch)
+    assert torch.equal(h, h2)
+    base_h, _ = _outputs(MMARModel.from_pretrained(tmp_path / "base").eval(), batch)
+    assert not torch.allclose(h, base_h, atol=1e-3)  # the adapter changed something
+    assert main(["merge-lora", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
+    merged = MMARModel.from_pretrained(tmp_path / "merged").eval()
+    h3, _ = _outputs(merged, batch)
+    assert torch.allclose(h, h3, atol=1e-5)
+    assert MMARProcessor.from_pretrained(tmp_path / "merged").token_ids == proc.token_ids
+
+
+def test_user_jsonl_finetunes_a_saved_model_with_lora_from_the_cli(tmp_path, tiny_dir, chat_jsonl, capsys):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    args = ["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(chat_jsonl),
+            "--lora", "{r: 8, alpha: 16}", "--packing", "true", "--max_length", "64", "--max_steps", "12",
+            "--batch_size", "8", "--learning_rate", "5e-3", "--warmup_steps", "2", "--logging_steps", "2",
+            "--save_steps", "0", "--output_dir", str(out), "--progress", "false"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "gone.png" in printed and "reserved token" in printed
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    model = PeftModel.from_pretrained(MMARModel.from_pretrained(tiny_dir), out).eval()
+    proc = MMARProcessor.from_pretrained(out)
+    batch = proc([DigitsDataset()[i] for i in range(4)])
+    h, _ = _outputs(model, batch)
+    h0, _ = _outputs(MMARModel.from_pretrained(tiny_dir).eval(), batch)
+    assert not torch.allclose(h, h0, atol=1e-4)
+
+
+def test_packed_and_padded_batches_give_the_same_per_sample_losses(tiny):
+    model, proc = tiny
+    ds = DigitsDataset()
+    enc = [proc.encode(ds[i]) for i in range(0, 3500, 151)]
+    padded, packed = proc.collate(enc), proc.pack(enc, max_length=64)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    with torch.no_grad():
+        hp = model(padded["input_ids"], padded["attention_mask"], padded["position_ids"],
+                   values=padded["values"]).hidden_states
+        hk = model(packed["input_ids"], None, packed["position_ids"], values=packed["values"]).hidden_states
+
+    def text_loss(h, labels):
+        nxt = labels[1:]
+        keep = (nxt != -100) & (nxt != proc.token_ids["image"]["token"])
+        return torch.nn.functional.cross_entropy(model.lm_head(h[:-1][keep]), nxt[keep])
+
+    seen = 0
+    for r, (lens, index) in enumerate(zip(packed["seq_lens"], packed["sample_index"])):
+        at = 0
+        for n, k in zip(lens, index):
+            assert torch.allclose(hk[r, at:at + n], hp[k, :n], atol=1e-5)
+            assert torch.allclose(text_loss(hk[r, at:at + n], packed["labels"][r, at:at + n]),
+                                  text_loss(hp[k, :n], padded["labels"][k, :n]), atol=1e-5)
+            at, seen = at + n, seen + 1
+    assert seen == len(enc)
+    with pytest.raises(ValueError, match="longer than max_length=8"):
+        proc.pack(enc, max_length=8)
+
+
+def _train_cmd(out, data, extra=()):
+    return [sys.executable, "-m", "mmar.cli", "train", "--init_from", str(data["model"]), "--dataset", "jsonl",
+            "--data_files", str(data["jsonl"]), "--max_steps", "20", "--batch_size", "8", "--logging_steps", "1",
+            "--save_steps", "5", "--save_total_limit", "2", "--warmup_steps", "2", "--learning_rate", "3e-3",
+            "--output_dir", str(out), "--progress", "false", *extra]
+
+
+def _losses(out, key="loss"):
+    return {r["step"]: r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+
+
+def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tiny_dir, chat_jsonl):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = {"model": tiny_dir, "jsonl": chat_jsonl}
+    full = tmp_path / "full"
+    subprocess.run(_train_cmd(full, data), check=True, env=env, cwd=ROOT, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, data), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_10").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "step_10").exists()
+    subprocess.run(_train_cmd(killed, data, ["--resume_from_checkpoint", "latest"]), check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    a, b = _losses(full), _losses(killed)
+    assert max(b) == 20
+    for step in range(11, 21):  # 40 records / batch 8: these cross epoch boundaries
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), step
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
+    """accelerate launch with 2 CPU processes (gloo), batch 4 each == 1 process with batch 8."""
+    data = {"model": tiny_dir, "jsonl": chat_jsonl}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    subprocess.run(_train_cmd(one, data, ["--max_steps", "10", "--save_steps", "0"]), check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    two = tmp_path / "two"
+    cmd = _train_cmd(two, data, ["--max_steps", "10", "--save_steps", "0", "--batch_size", "4"])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              os.path.join(ROOT, "configs", "accelerate", "cpu-2proc.yaml"), "-m", *cmd[2:]]
+    res = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(_losses(one)) == sorted(_losses(two)) == list(range(1, 11))
+    # Same data in the same global batches. What differs: the diffusion noise and condition-dropout
+    # draws (each process has its own RNG stream) and the text loss being averaged per process.
+    for key, mean_tol, max_tol in (("text_loss", 0.05, 0.12), ("loss", 0.10, 0.20)):
+        a, b = _losses(one, key), _losses(two, key)
+        diffs = [abs(a[s] - b[s]) / a[s] for s in a]
+        assert np.mean(diffs) < mean_tol and max(diffs) < max_tol, (key, diffs)
