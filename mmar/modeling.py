@@ -165,5 +165,8 @@ def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwar
     bb = AutoModelForCausalLM.from_pretrained(backbone)
     if bb.get_input_embeddings().weight.shape[0] < len(tokenizer):
         bb.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    for key, value in special.items():  # the tokenizer is the truth where the checkpoint says nothing
+        if getattr(bb.config, key, None) is None:
+            setattr(bb.config, key, value if value is not None else special["eos_token_id"])
     config = MMARConfig(backbone_config=bb.config, modalities=specs, **config_kwargs)
     return MMARModel(config, backbone=bb)

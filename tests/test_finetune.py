@@ -198,3 +198,55 @@ def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
         a, b = _losses(one, key), _losses(two, key)
         diffs = [abs(a[s] - b[s]) / a[s] for s in a]
         assert np.mean(diffs) < mean_tol and max(diffs) < max_tol, (key, diffs)
+
+
+def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):
+    """configs/qwen-sdvae-lora.yaml with a tiny Qwen2 backbone and a tiny AutoencoderKL saved locally."""
+    import yaml
+    from diffusers import AutoencoderKL
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mmar.datasets.digits import all_texts
+    from mmar.tokenizers import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(all_texts() + ["which digit is this?"], vocab_size=300)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "qwen")
+    tok.save_pretrained(tmp_path / "qwen")
+    AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                  block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "vae")
+    recipe = yaml.safe_load(open(os.path.join(ROOT, "configs", "qwen-sdvae-lora.yaml")))
+    image = recipe["modalities"]["image"]
+    image["tokenizer"].update(vae_path=str(tmp_path / "vae"), image_size=16, patch_size=2)
+    image["head"].update(width=32, depth=1)
+    recipe.update(backbone_path=str(tmp_path / "qwen"), data_files=str(chat_jsonl), output_dir=str(tmp_path / "run"),
+                  max_steps=3, batch_size=4, gradient_accumulation_steps=1, mixed_precision="no", log_with=None,
+                  max_length=128, warmup_steps=1, save_steps=0, progress=False)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--config", str(tmp_path / "recipe.yaml")]) == 0
+    run = tmp_path / "run"
+    assert (run / "adapter_config.json").exists() and (run / "base" / "model.safetensors").exists()
+    assert (run / "image_tokenizer" / "vae" / "diffusion_pytorch_model.safetensors").exists()
+    base = MMARModel.from_pretrained(run / "base")
+    assert base.config.backbone_config.model_type == "qwen2"
+    assert base.config.modalities["image"]["token_dim"] == 16  # 2x2 patches of 4 latent channels
+    assert main(["merge-lora", "--adapter", str(run), "--output", str(tmp_path / "merged")]) == 0
+    from mmar.pipeline import MMARPipeline
+
+    pipe = MMARPipeline.from_pretrained(tmp_path / "merged")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("draw a 3", mode="image", max_items=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.images[0][0].size == (16, 16)
+
+
+def test_ema_is_saved_as_the_final_model(tmp_path, tiny_dir, chat_jsonl):
+    out = tmp_path / "ema"
+    assert main(["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(chat_jsonl),
+                 "--max_steps", "4", "--batch_size", "8", "--ema_decay", "0.5", "--save_steps", "2",
+                 "--output_dir", str(out), "--progress", "false"]) == 0
+    assert main(["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(chat_jsonl),
+                 "--max_steps", "6", "--batch_size", "8", "--ema_decay", "0.5", "--save_steps", "2",
+                 "--output_dir", str(out), "--progress", "false", "--resume_from_checkpoint", "latest"]) == 0
+    assert MMARModel.from_pretrained(out) is not None

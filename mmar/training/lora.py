@@ -44,8 +44,8 @@ def apply_lora(model: MMARModel, spec: dict, base_path: str | None = None):
         raise ValueError(f"lora: unknown option(s) {', '.join(sorted(unknown))}; "
                          "known: r, alpha, dropout, target_modules, train_new_tokens")
     config = lora_config(model, **spec)
-    if base_path:
-        config.base_model_name_or_path = os.path.abspath(base_path)
+    if base_path:  # peft records the base as the model's name_or_path
+        model.name_or_path = model.config._name_or_path = os.path.abspath(base_path)
     return get_peft_model(model, config)
 
 

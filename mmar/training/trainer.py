@@ -145,6 +145,13 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
                                                         min_lr_rate=targs.min_lr_ratio)
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     acc.register_for_checkpointing(sched)
+    ema = None
+    if targs.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(acc.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(targs.ema_decay),
+                            use_buffers=True)
+        acc.register_for_checkpointing(ema)
     os.makedirs(targs.output_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {len(dataset)} samples, {targs.max_steps} steps")
@@ -183,6 +190,8 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
             tokens += n_tokens
             if not acc.sync_gradients:
                 continue
+            if ema is not None:
+                ema.update_parameters(acc.unwrap_model(model))
             step += 1
             bar.update(1)
             if step % targs.logging_steps == 0 or step == targs.max_steps:
@@ -214,7 +223,7 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        final = acc.unwrap_model(model)
+        final = acc.unwrap_model(model) if ema is None else ema.module
         final.save_pretrained(targs.output_dir)
         processor.save_pretrained(targs.output_dir)
         plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
