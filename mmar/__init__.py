@@ -1,5 +1,6 @@
 """mmar: unified multimodal autoregressive models (text LM head + per-token diffusion heads)."""
 
+from . import attention  # noqa: F401  (registers attn_implementation="xformers")
 from .config import MMARConfig
 from .heads import available_heads, build_head, register_head
 from .modeling import MMARModel, build_model
