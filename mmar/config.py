@@ -57,7 +57,10 @@ class MMARConfig(PreTrainedConfig):
         spec = dict(spec)
         if "tokenizer" not in spec:
             raise ValueError("each modality needs a 'tokenizer' spec, e.g. {'name': 'image-patch'}")
-        spec["head"] = {**DEFAULT_DIFFUSION_HEAD, **spec.get("head", {})}
+        head = dict(spec.get("head", {}))
+        if head.get("name", "diffusion") == "diffusion":
+            head = {**DEFAULT_DIFFUSION_HEAD, **head}
+        spec["head"] = head
         spec.setdefault("token_ids", {})
         return spec
 

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from .config import MMARConfig
 from .heads import SimpleMLPAdaLN, build_head
 from .sequence import IGNORE
-from .tokenizers import build_tokenizer, modality_token_ids
+from .tokenizers import ModalityTokenizer, build_tokenizer, modality_token_ids
 
 
 @dataclass
@@ -59,11 +59,15 @@ class MMARModel(MMARPreTrainedModel):
         self.pos_embeds = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         for m, spec in config.modalities.items():
-            dim = spec["token_dim"]
-            self.projections[m] = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            if spec.get("vocab_size"):  # discrete codes: a codebook embedding in, a codebook head out
+                self.projections[m] = nn.Embedding(spec["vocab_size"], hidden)
+                self.heads[m] = build_head(spec["head"], cond_dim=hidden, vocab_size=spec["vocab_size"])
+            else:  # continuous tokens: an MLP in, e.g. a diffusion head out
+                dim = spec["token_dim"]
+                self.projections[m] = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+                self.heads[m] = build_head(spec["head"], cond_dim=hidden, token_dim=dim)
             if config.pos_embed:
                 self.pos_embeds[m] = nn.Embedding(spec["num_tokens"], hidden)
-            self.heads[m] = build_head(spec["head"], token_dim=dim, cond_dim=hidden)
         self.placeholder = config.placeholder_ids()
         self.post_init()
 
@@ -80,12 +84,13 @@ class MMARModel(MMARPreTrainedModel):
         return self.backbone.get_input_embeddings()
 
     def embed_values(self, modality: str, values: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Project continuous tokens ``[n, token_dim]``; ``index`` = position of each within its item
-        (defaults to consecutive complete items)."""
-        if not torch.isfinite(values).all():
-            raise ValueError(f"{modality} tokens contain NaN or inf")
-        dtype = self.get_input_embeddings().weight.dtype
-        x = self.projections[modality](values.to(dtype))
+        """Embed tokens of one modality, continuous ``[n, token_dim]`` or discrete ``[n]``; ``index`` =
+        position of each within its item (defaults to consecutive complete items)."""
+        if values.is_floating_point():
+            if not torch.isfinite(values).all():
+                raise ValueError(f"{modality} tokens contain NaN or inf")
+            values = values.to(self.get_input_embeddings().weight.dtype)
+        x = self.projections[modality](values)
         if modality in self.pos_embeds:
             n_per = self.config.modalities[modality]["num_tokens"]
             if index is None:
@@ -131,7 +136,8 @@ class MMARModel(MMARPreTrainedModel):
                 losses[m] = zero
                 continue
             trained = (labels == ph)[input_ids == ph]  # which of this modality's tokens are targets
-            losses[m] = self.heads[m].loss(h[target], values[m][trained].to(h.dtype))
+            goal = values[m][trained]
+            losses[m] = self.heads[m].loss(h[target], goal.to(h.dtype) if goal.is_floating_point() else goal)
         loss = text_loss + self.config.diffusion_loss_weight * sum(losses.values(), zero)
         return MMAROutput(loss=loss, text_loss=text_loss.detach(),
                           modality_losses={m: v.detach() for m, v in losses.items()},
@@ -141,19 +147,33 @@ class MMARModel(MMARPreTrainedModel):
 AutoModel.register(MMARConfig, MMARModel)
 
 
+def _shared(head: dict) -> dict:
+    """Head options that mean the same for a codebook head (its MLP width)."""
+    return {k: v for k, v in head.items() if k in ("width",)}
+
+
 def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwargs) -> MMARModel:
     """Build an MMARModel whose special-token ids come from ``tokenizer``.
 
     ``backbone`` is either a config dict with ``model_type`` (train from scratch) or the path of a
     local ``AutoModelForCausalLM`` checkpoint (its embeddings are resized for the new tokens).
+    ``modalities[m]["tokenizer"]`` is a spec dict or an already built (e.g. trained) tokenizer.
+    Discrete tokenizers get a codebook embedding and, unless another head is named, a codebook head.
     """
     ids = modality_token_ids(tokenizer, modalities)
     specs = {}
     for m, spec in modalities.items():
-        tok = build_tokenizer(spec["tokenizer"])
-        if tok.kind != "continuous":
-            raise ValueError(f"{m}: tokenizer {tok.name!r} is {tok.kind}; this head needs continuous tokens")
-        specs[m] = {**spec, "token_dim": tok.token_dim, "num_tokens": tok.num_tokens(), "token_ids": ids[m]}
+        tok = spec["tokenizer"] if isinstance(spec["tokenizer"], ModalityTokenizer) else build_tokenizer(spec["tokenizer"])
+        spec = {**spec, "tokenizer": {"name": tok.name, **tok.config()}, "num_tokens": tok.num_tokens(),
+                "token_ids": ids[m]}
+        head = spec.get("head", {})
+        if tok.kind == "discrete":
+            spec["vocab_size"] = tok.vocab_size
+            spec["head"] = head if head.get("name") not in (None, "diffusion") else {"name": "codebook",
+                                                                                     **_shared(head)}
+        else:
+            spec["token_dim"] = tok.token_dim
+        specs[m] = spec
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     if isinstance(backbone, dict):

@@ -100,7 +100,8 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
         "interleaved_accuracy": float(np.mean(ok)), "interleaved_two_images_rate": complete / max(len(pair_digits), 1),
         "text_to_image_per_digit": per_digit_acc, "classifier_heldout_accuracy": clf_acc,
         "n_heldout": int(len(yte)), "n_generated": len(images), "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"]["num_inference_steps"],
+        "head": pipe.model.config.modalities["image"]["head"]["name"],
+        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"].get("num_inference_steps"),
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }
     if output:

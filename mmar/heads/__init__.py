@@ -1,6 +1,7 @@
 """Heads, chosen by name in a config (see :mod:`mmar.heads.base`). The LM head is the backbone's."""
 
 from .base import Head, available_heads, build_head, register_head
+from .codebook import CodebookHead
 from .diffusion import DiffusionHead, SimpleMLPAdaLN
 
-__all__ = ["Head", "DiffusionHead", "SimpleMLPAdaLN", "available_heads", "build_head", "register_head"]
+__all__ = ["Head", "CodebookHead", "DiffusionHead", "SimpleMLPAdaLN", "available_heads", "build_head", "register_head"]

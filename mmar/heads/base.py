@@ -29,12 +29,15 @@ def available_heads() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_head(spec: dict[str, Any], token_dim: int, cond_dim: int) -> Head:
+def build_head(spec: dict[str, Any], cond_dim: int, token_dim: int | None = None,
+               vocab_size: int | None = None) -> Head:
+    """Continuous heads get ``token_dim``, discrete heads ``vocab_size``."""
     spec = dict(spec)
     name = spec.pop("name", None)
     if name not in _REGISTRY:
         raise ValueError(f"unknown head {name!r}; registered: {', '.join(available_heads())}")
-    return _REGISTRY[name](token_dim=token_dim, cond_dim=cond_dim, **spec)
+    sizes = {"token_dim": token_dim} if vocab_size is None else {"vocab_size": vocab_size}
+    return _REGISTRY[name](cond_dim=cond_dim, **sizes, **spec)
 
 
 class Head(nn.Module):

@@ -39,8 +39,13 @@ def available_tokenizers() -> list[str]:
 
 
 def build_tokenizer(spec: dict[str, Any]) -> ModalityTokenizer:
-    """Build a tokenizer from a config dict ``{"name": ..., **kwargs}``."""
+    """Build a tokenizer from a config dict ``{"name": ..., **kwargs}``, or load a saved (e.g. trained)
+    one with ``{"path": DIR}``."""
     spec = dict(spec)
+    if "path" in spec:
+        if len(spec) > 1:
+            raise ValueError(f"a tokenizer given by path takes no other options, got {sorted(spec)}")
+        return ModalityTokenizer.from_pretrained(spec["path"])
     name = spec.pop("name", None)
     if name not in _REGISTRY:
         raise ValueError(f"unknown tokenizer {name!r}; registered: {', '.join(available_tokenizers())}")

@@ -1,0 +1,249 @@
+"""``audio-mel``: a waveform becomes log-mel frames grouped into tokens; Griffin-Lim turns them back.
+
+No learned weights. A clip is resampled to ``sampling_rate``, padded with silence or cropped to
+``max_seconds`` (the model needs a fixed number of tokens per item), turned into a log-mel power
+spectrogram (``n_mels`` bands, one frame every ``hop_length`` samples) and normalised to roughly
+unit scale. Every ``frames_per_token`` consecutive frames become one token of
+``frames_per_token * n_mels`` values (frame-major). Decoding undoes the normalisation, maps mel
+power back to linear frequencies (non-negative least squares) and recovers a phase with fast
+Griffin-Lim (torch STFT / ISTFT), giving :class:`mmar.sequence.Audio` items.
+
+Paths are read with soundfile; bad files (missing, unreadable, truncated WAV, no samples, NaN /
+inf) raise errors naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import ModalityTokenizer, register_tokenizer
+
+INT_SCALES = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.uint8): 128.0}
+MAX_CHANNELS = 8  # a 2-D array with more than this many "channels" is a mistake, not multichannel audio
+NNLS_ITERS = 30  # multiplicative updates of the mel -> linear inversion
+EPS = 1e-10
+STREAMING_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)  # data sizes written by streaming encoders, not truncation
+
+
+def _wav_truncation(path: str) -> str | None:
+    """For a RIFF/WAVE file whose data chunk promises more bytes than the file holds, say so."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        at = 12
+        while at + 8 <= size:
+            f.seek(at)
+            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+            if chunk_id == b"data":
+                held = size - at - 8
+                if chunk_size not in STREAMING_SIZES and chunk_size > held:
+                    return f"truncated WAV: its header declares {chunk_size} bytes of audio, the file holds {held}"
+                return None
+            at += 8 + chunk_size + (chunk_size & 1)
+    return None
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Read an audio file with soundfile as float32 ``[samples]`` (channels averaged) and its rate."""
+    import soundfile as sf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: audio file not found")
+    problem = _wav_truncation(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable audio file ({e})") from e
+    if data.shape[0] == 0:
+        raise ValueError(f"{path}: the audio file holds no samples (zero length)")
+    return data.mean(axis=1), int(sr)
+
+
+def write_wav(path: str | os.PathLike, audio: Any, sampling_rate: int | None = None) -> str:
+    """Write an :class:`~mmar.sequence.Audio` (or a 1-D waveform plus its rate) as a 16-bit WAV file."""
+    import soundfile as sf
+
+    waveform = getattr(audio, "waveform", audio)
+    sr = sampling_rate or getattr(audio, "sampling_rate", None)
+    if sr is None:
+        raise ValueError("write_wav needs a sampling rate: give an Audio item or sampling_rate=")
+    wave = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu(), dtype=np.float32).reshape(-1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sf.write(os.fspath(path), np.clip(wave, -1.0, 1.0), int(sr), subtype="PCM_16")
+    return os.fspath(path)
+
+
+def to_mono(waveform: Any) -> np.ndarray:
+    """A 1-D float32 waveform from a 1-D array or ``[samples, channels]`` / ``[channels, samples]``."""
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().cpu().numpy()
+    arr = np.asarray(waveform)
+    if arr.dtype in INT_SCALES:
+        arr = arr.astype(np.float32) / INT_SCALES[arr.dtype] - (1.0 if arr.dtype == np.uint8 else 0.0)
+    elif not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"waveform must hold floats or int16/int32 PCM, got dtype {arr.dtype}")
+    if arr.ndim == 2 and min(arr.shape) <= MAX_CHANNELS:
+        arr = arr.mean(axis=int(np.argmin(arr.shape)))
+    if arr.ndim != 1:
+        raise ValueError(f"waveform has shape {tuple(arr.shape)}; expected 1-D samples "
+                         f"(or [samples, channels] with at most {MAX_CHANNELS} channels)")
+    return arr.astype(np.float32, copy=False)
+
+
+def resample(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Polyphase resampling (scipy) from ``orig_sr`` to ``target_sr``."""
+    if orig_sr == target_sr:
+        return waveform
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(orig_sr), int(target_sr))
+    return resample_poly(waveform, target_sr // g, orig_sr // g).astype(np.float32)
+
+
+@register_tokenizer("audio-mel")
+class AudioMelTokenizer(ModalityTokenizer):
+    modality = "audio"
+    kind = "continuous"
+
+    def __init__(self, sampling_rate: int = 8000, max_seconds: float = 0.768, n_fft: int = 512,
+                 hop_length: int = 128, n_mels: int = 32, frames_per_token: int = 4, f_min: float = 0.0,
+                 f_max: float | None = None, log_floor: float = 1e-5, mean: float = -2.5, std: float = 1.5,
+                 griffin_lim_iters: int = 32, momentum: float = 0.99):
+        if hop_length > n_fft:
+            raise ValueError(f"hop_length {hop_length} is larger than n_fft {n_fft}")
+        self.sampling_rate, self.max_seconds = int(sampling_rate), float(max_seconds)
+        self.n_fft, self.hop_length, self.n_mels = n_fft, hop_length, n_mels
+        self.frames_per_token, self.f_min, self.f_max = frames_per_token, f_min, f_max
+        self.log_floor, self.mean, self.std = log_floor, mean, std
+        self.griffin_lim_iters, self.momentum = griffin_lim_iters, momentum
+        self.num_samples = round(self.max_seconds * self.sampling_rate)
+        self.num_frames = (self.num_samples // hop_length) // frames_per_token * frames_per_token
+        if self.num_frames == 0:
+            raise ValueError(f"max_seconds {max_seconds} gives fewer than frames_per_token={frames_per_token} "
+                             f"frames at hop_length {hop_length} and {sampling_rate} Hz")
+        self.token_dim = frames_per_token * n_mels
+        from transformers.audio_utils import mel_filter_bank
+
+        fb = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=f_min,
+                             max_frequency=f_max or sampling_rate / 2, sampling_rate=sampling_rate,
+                             norm="slaney", mel_scale="slaney")
+        self.mel_basis = torch.from_numpy(fb.T.astype(np.float32))  # [n_mels, n_freq]
+        self.window = torch.hann_window(n_fft)
+
+    def config(self) -> dict[str, Any]:
+        return dict(sampling_rate=self.sampling_rate, max_seconds=self.max_seconds, n_fft=self.n_fft,
+                    hop_length=self.hop_length, n_mels=self.n_mels, frames_per_token=self.frames_per_token,
+                    f_min=self.f_min, f_max=self.f_max, log_floor=self.log_floor, mean=self.mean, std=self.std,
+                    griffin_lim_iters=self.griffin_lim_iters, momentum=self.momentum)
+
+    def num_tokens(self, item: Any = None) -> int:
+        return self.num_frames // self.frames_per_token
+
+    # -- raw <-> waveform ----------------------------------------------------------------------
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        """A path, ``(path_or_waveform, sampling_rate)``, an :class:`Audio`-like object or a 1-D
+        waveform already at ``sampling_rate`` -> float32 ``[num_samples]`` (resampled, padded / cropped)."""
+        sr = None
+        if hasattr(raw, "waveform"):
+            raw, sr = raw.waveform, raw.sampling_rate
+        elif isinstance(raw, tuple) and len(raw) == 2:
+            raw, sr = raw
+        where = ""
+        if isinstance(raw, (str, os.PathLike)):
+            where = f"{os.fspath(raw)}: "
+            raw, file_sr = read_audio(raw)
+            if sr is not None and sr != file_sr:
+                raise ValueError(f"{where}the file is at {file_sr} Hz but sampling_rate={sr} was given")
+            sr = file_sr
+        elif not isinstance(raw, (np.ndarray, torch.Tensor, list)):
+            raise TypeError(f"cannot read audio from {type(raw).__name__}; give a path, or a waveform "
+                            "with its sampling rate")
+        elif sr is None:
+            raise ValueError("a waveform needs its sampling rate: give Audio(waveform, sampling_rate)")
+        wave = to_mono(raw)
+        if wave.size == 0:
+            raise ValueError(f"{where}the audio has no samples (zero length)")
+        if not np.isfinite(wave).all():
+            raise ValueError(f"{where}the audio contains NaN or inf samples")
+        if int(sr) <= 0:
+            raise ValueError(f"{where}sampling rate must be positive, got {sr}")
+        wave = resample(wave, int(sr), self.sampling_rate)[: self.num_samples]
+        out = torch.zeros(self.num_samples)
+        out[: wave.shape[0]] = torch.from_numpy(np.ascontiguousarray(wave))
+        return out
+
+    # -- waveform <-> log-mel ------------------------------------------------------------------
+    def _stft(self, wave: torch.Tensor) -> torch.Tensor:
+        return torch.stft(wave, self.n_fft, self.hop_length, window=self.window.to(wave.device),
+                          center=True, return_complex=True)
+
+    def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
+        """``[B, num_samples]`` -> normalised log-mel ``[B, n_mels, num_frames]``."""
+        power = self._stft(waves.float()).abs().pow(2)[..., : self.num_frames]
+        mel = self.mel_basis.to(power.device) @ power
+        return (mel.clamp(min=self.log_floor).log10() - self.mean) / self.std
+
+    def mel_power(self, log_mel: torch.Tensor) -> torch.Tensor:
+        """Normalised log-mel -> mel power, with the floor mapped back to silence."""
+        log_power = log_mel.float() * self.std + self.mean
+        floor = math.log10(self.log_floor)
+        return torch.where(log_power <= floor, torch.zeros_like(log_power), 10.0 ** log_power)
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """``[B, num_samples]`` -> ``[B, num_tokens, frames_per_token * n_mels]``."""
+        x = self.log_mel(batch).transpose(1, 2)  # B, frames, mels
+        return x.reshape(x.shape[0], self.num_tokens(), self.token_dim)
+
+    def tokens_to_log_mel(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        return tokens.float().reshape(b, self.num_frames, self.n_mels).transpose(1, 2)
+
+    # -- log-mel -> waveform -------------------------------------------------------------------
+    def linear_magnitude(self, mel_power: torch.Tensor) -> torch.Tensor:
+        """Mel power ``[B, n_mels, T]`` -> linear magnitude ``[B, n_freq, T]`` (non-negative least squares
+        by multiplicative updates, started from the clamped pseudo-inverse)."""
+        basis = self.mel_basis.to(mel_power.device)
+        spec = (torch.linalg.pinv(basis) @ mel_power).clamp(min=EPS)
+        gram, target = basis.T @ basis, basis.T @ mel_power
+        for _ in range(NNLS_ITERS):
+            spec = spec * target / (gram @ spec + EPS)
+        return spec.sqrt()
+
+    def griffin_lim(self, magnitude: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fast Griffin-Lim (Perraudin et al. 2013): a phase for ``magnitude [B, n_freq, T]`` -> waveforms."""
+        extra = self._stft(torch.zeros(1, self.num_samples)).shape[-1] - magnitude.shape[-1]
+        mag = torch.cat([magnitude, magnitude[..., -1:].expand(*magnitude.shape[:-1], extra)], -1)
+        gen = generator or torch.Generator().manual_seed(0)
+        angles = torch.polar(torch.ones_like(mag), 2 * math.pi * torch.rand(mag.shape, generator=gen))
+        window = self.window.to(mag.device)
+        previous = torch.zeros_like(angles)
+        for _ in range(self.griffin_lim_iters):
+            wave = torch.istft(mag * angles, self.n_fft, self.hop_length, window=window, length=self.num_samples)
+            rebuilt = self._stft(wave)
+            angles = rebuilt - (self.momentum / (1 + self.momentum)) * previous
+            angles = angles / (angles.abs() + EPS)
+            previous = rebuilt
+        return torch.istft(mag * angles, self.n_fft, self.hop_length, window=window, length=self.num_samples)
+
+    @torch.no_grad()
+    def decode_waveforms(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, num_tokens, token_dim]`` -> waveforms ``[B, num_samples]`` in [-1, 1]."""
+        magnitude = self.linear_magnitude(self.mel_power(self.tokens_to_log_mel(tokens.cpu())))
+        return self.griffin_lim(magnitude).clamp(-1.0, 1.0)
+
+    def decode(self, tokens: torch.Tensor) -> list:
+        from ..sequence import Audio
+
+        return [Audio(waveform=w.numpy().astype(np.float32), sampling_rate=self.sampling_rate)
+                for w in self.decode_waveforms(tokens)]
