@@ -9,6 +9,7 @@ is text, the modality's head where it is a continuous token.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,19 @@ class MMARModel(MMARPreTrainedModel):
                 self.pos_embeds[m] = nn.Embedding(spec["num_tokens"], hidden)
         self.placeholder = config.placeholder_ids()
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` restricted to safetensors: pickled weights are never loaded."""
+        if kwargs.get("use_safetensors") is False or kwargs.get("trust_remote_code"):
+            raise ValueError("mmar loads weights from safetensors only, without remote code")
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path) and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            raise FileNotFoundError(f"{path}: no .safetensors weights" + (
+                f" (found {', '.join(pickles)}: mmar never unpickles weights; convert them to safetensors)"
+                if pickles else ""))
+        return super().from_pretrained(path, *args, use_safetensors=True, **kwargs)
 
     # -- pieces --------------------------------------------------------------------------------
     @property
@@ -182,7 +196,7 @@ def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwar
         bb_config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **special, **backbone)
         config = MMARConfig(backbone_config=bb_config, modalities=specs, **config_kwargs)
         return MMARModel(config)
-    bb = AutoModelForCausalLM.from_pretrained(backbone)
+    bb = AutoModelForCausalLM.from_pretrained(backbone, use_safetensors=True)
     if bb.get_input_embeddings().weight.shape[0] < len(tokenizer):
         bb.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     for key, value in special.items():  # the tokenizer is the truth where the checkpoint says nothing

@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,9 +7,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
 
 from mmar import MMARProcessor, build_model, build_tokenizer  # noqa: E402
-from mmar.datasets.digits import all_texts  # noqa: E402
+from mmar.datasets.digits import all_texts, load_digit_split  # noqa: E402
 from mmar.tokenizers import add_modality_tokens, train_bpe_tokenizer  # noqa: E402
 
 TINY_BACKBONE = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -74,3 +76,27 @@ def trained_digits(tmp_path_factory):
     assert main(["train", "--config", str(root / "configs" / "digits-quick.yaml"), "--output_dir", str(out),
                  "--progress", "false"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    """A user's dataset: 40 image-to-text and text-to-image chats with relative image paths, plus 2 bad records."""
+    root = tmp_path_factory.mktemp("user_data")
+    (root / "imgs").mkdir()
+    x, y = load_digit_split("train")
+    with open(root / "chats.jsonl", "w") as f:
+        for i in range(40):
+            PILImage.fromarray(x[i]).save(root / "imgs" / f"{i}.png")
+            if i % 2:
+                rec = [{"role": "user", "content": [{"type": "image", "path": f"imgs/{i}.png"},
+                                                    {"type": "text", "text": "which digit is this?"}]},
+                       {"role": "assistant", "content": str(y[i])}]
+            else:
+                rec = [{"role": "user", "content": f"draw a {y[i]}"},
+                       {"role": "assistant", "content": [{"type": "image", "path": f"imgs/{i}.png"}]}]
+            f.write(json.dumps({"messages": rec}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "imgs/gone.png"}]},
+                                         {"role": "assistant", "content": "1"}]}) + "\n")
+        f.write(json.dumps({"messages": [{"role": "user", "content": "type <|image|> here"},
+                                         {"role": "assistant", "content": "no"}]}) + "\n")
+    return root / "chats.jsonl"

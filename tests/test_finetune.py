@@ -10,39 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 
 from mmar import MMARModel, MMARProcessor
 from mmar.cli import main
-from mmar.datasets import DigitsDataset, load_digit_split
+from mmar.datasets import DigitsDataset
 from mmar.training.lora import apply_lora
 from tests.conftest import TINY_MODALITIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def chat_jsonl(tmp_path_factory):
-    """A user's dataset: 40 image-to-text and text-to-image chats with relative image paths, plus 2 bad records."""
-    root = tmp_path_factory.mktemp("user_data")
-    (root / "imgs").mkdir()
-    x, y = load_digit_split("train")
-    with open(root / "chats.jsonl", "w") as f:
-        for i in range(40):
-            PILImage.fromarray(x[i]).save(root / "imgs" / f"{i}.png")
-            if i % 2:
-                rec = [{"role": "user", "content": [{"type": "image", "path": f"imgs/{i}.png"},
-                                                    {"type": "text", "text": "which digit is this?"}]},
-                       {"role": "assistant", "content": str(y[i])}]
-            else:
-                rec = [{"role": "user", "content": f"draw a {y[i]}"},
-                       {"role": "assistant", "content": [{"type": "image", "path": f"imgs/{i}.png"}]}]
-            f.write(json.dumps({"messages": rec}) + "\n")
-        f.write(json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "imgs/gone.png"}]},
-                                         {"role": "assistant", "content": "1"}]}) + "\n")
-        f.write(json.dumps({"messages": [{"role": "user", "content": "type <|image|> here"},
-                                         {"role": "assistant", "content": "no"}]}) + "\n")
-    return root / "chats.jsonl"
 
 
 def _outputs(model, batch):

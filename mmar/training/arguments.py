@@ -72,6 +72,8 @@ class TrainingArguments:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    max_bad_steps: int = 5
+    """A step whose loss is NaN / inf is skipped with a warning; this many in a row abort the run."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights (e.g. 0.999) and save it as the final model."""
     mixed_precision: str = "no"

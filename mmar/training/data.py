@@ -27,6 +27,20 @@ def _digits(split: str, seed: int = 0, pairs_per_image: float = 0.5, shift_prob:
     return DigitsDataset(split=split, seed=seed, pairs_per_image=pairs_per_image, shift_prob=shift_prob)
 
 
+@register_dataset("spoken-digits")
+def _spoken_digits(split: str, seed: int = 0, cache_dir: str | None = None, **_) -> Dataset:
+    from ..datasets.spoken_digits import DEFAULT_CACHE, SpokenDigitsDataset
+
+    return SpokenDigitsDataset(split=split, seed=seed, cache_dir=cache_dir or DEFAULT_CACHE)
+
+
+@register_dataset("shapes")
+def _shapes(split: str, seed: int = 0, **_) -> Dataset:
+    from ..datasets.shapes import ShapesDataset
+
+    return ShapesDataset(split=split, seed=seed)
+
+
 @register_dataset("jsonl")
 def _jsonl(split: str, data_files: str | list[str] | None = None, **_) -> Dataset:
     from .jsonl import ChatDataset

@@ -62,6 +62,8 @@ def load_adapter(adapter_dir: str, base_dir: str | None = None):
             base_dir = json.load(f).get("base_model_name_or_path")
         if not base_dir or not os.path.isdir(base_dir):
             raise FileNotFoundError(f"{cfg_path}: base model {base_dir!r} not found; pass the base directory")
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapters are not loaded)")
     return PeftModel.from_pretrained(MMARModel.from_pretrained(base_dir), adapter_dir)
 
 

@@ -9,10 +9,10 @@ PNG and sample grids, and a final ``save_pretrained`` directory.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -71,6 +71,12 @@ def with_lora(model, processor, margs: ModelArguments, output_dir: str, acc: Acc
             processor.save_pretrained(base)
         acc.wait_for_everyone()
     return apply_lora(model, dict(margs.lora), base_path=base)
+
+
+def finite_everywhere(acc: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (they must all skip, or none)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return bool(acc.reduce(bad, "sum").item() == 0)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -167,7 +173,7 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         os.remove(log_path)
     steps_per_epoch = len(loader) // targs.gradient_accumulation_steps
     bar = tqdm(total=targs.max_steps, initial=step, desc="training", disable=not (targs.progress and acc.is_main_process))
-    start, tokens, skipped_before = time.time(), 0, 0
+    start, tokens, skipped_before, bad_in_a_row = time.time(), 0, 0, 0
     model.train()
     while step < targs.max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -181,6 +187,17 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
             batch.pop("sample_index", None)
             with acc.accumulate(model):
                 out = model(**batch)
+                if not finite_everywhere(acc, out.loss):
+                    bad_in_a_row += 1
+                    opt.zero_grad(set_to_none=True)
+                    if bad_in_a_row >= targs.max_bad_steps:
+                        raise FloatingPointError(
+                            f"{bad_in_a_row} steps in a row had a NaN / inf loss (last at step {step + 1}); "
+                            "stopping. Lower the learning rate, check the data, or resume from a checkpoint.")
+                    warnings.warn(f"step {step + 1}: loss is {out.loss.item()}; skipping this batch "
+                                  f"({bad_in_a_row} in a row, the run stops at {targs.max_bad_steps})")
+                    continue
+                bad_in_a_row = 0
                 acc.backward(out.loss)
                 if acc.sync_gradients and targs.max_grad_norm:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), targs.max_grad_norm)

@@ -1,0 +1,155 @@
+"""Speed benchmarks, ours against a baseline in the same run:
+
+1. text decoding tokens/s: mmar's interleaved sampler against Hugging Face ``generate()`` on the same
+   backbone (greedy, KV cache, batch of 8);
+2. image generation with against without KV cache at 16, 64 and 256 image tokens;
+3. training MFU of a hidden-1024 configuration against this machine's fp32 matmul peak, measured here
+   (FLOPs of a real training step counted by ``torch.utils.flop_counter``).
+
+    python benchmarks/speed.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import machine, update_section  # noqa: E402
+
+from mmar import MMARProcessor, build_model, build_tokenizer  # noqa: E402
+from mmar.datasets import DigitsDataset  # noqa: E402
+from mmar.generation import generate  # noqa: E402
+from mmar.sequence import Message  # noqa: E402
+from mmar.tokenizers import add_modality_tokens, train_bpe_tokenizer  # noqa: E402
+
+
+def make(hidden=192, layers=4, image_size=8, vocab=512, heads=4, inter=None, head_width=256):
+    torch.manual_seed(0)
+    tok = train_bpe_tokenizer(DigitsDataset.texts(), vocab_size=vocab)
+    add_modality_tokens(tok, ["image"])
+    mods = {"image": {"tokenizer": {"name": "image-patch", "image_size": image_size, "patch_size": 2},
+                      "head": {"width": head_width, "depth": 3, "num_inference_steps": 25}}}
+    backbone = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+                "num_attention_heads": heads, "num_key_value_heads": heads,
+                "intermediate_size": inter or 4 * hidden, "max_position_embeddings": 2048}
+    model = build_model(backbone, tok, mods).eval()
+    proc = MMARProcessor(tok, {"image": build_tokenizer(mods["image"]["tokenizer"])})
+    return model, proc
+
+
+def best_of(fn, repeat=3):
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def bench_decode(new_tokens=64, batch=8):
+    model, proc = make()
+    prompts = [[Message("user", "which digit is this?")]] * batch
+    b = proc.collate([proc.encode(p, add_generation_prompt=True) for p in prompts], padding_side="left")
+    eos = model.config.backbone_config.eos_token_id
+    # make EOS unreachable so both decode exactly new_tokens tokens
+    model.lm_head.weight.data[eos] = -1e4 * model.lm_head.weight.data[eos].sign()
+    ours = best_of(lambda: generate(model, b["input_ids"], b["attention_mask"], mode="text", temperature=0.0,
+                                    max_new_tokens=new_tokens))
+    hf = best_of(lambda: model.backbone.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                 do_sample=False, pad_token_id=proc.pad_id))
+    n = batch * new_tokens
+    return {"ours": n / ours, "hf": n / hf}
+
+
+@torch.no_grad()
+def bench_kv_cache(image_size: int, guidance=3.0):
+    model, proc = make(image_size=image_size)
+    b = proc.collate([proc.encode([Message("user", "draw the digit seven")], add_generation_prompt=True,
+                                  start_modality="image")], padding_side="left")
+
+    def run(cache):
+        return generate(model, b["input_ids"], b["attention_mask"], mode="image", guidance_scale=guidance,
+                        max_items=1, max_new_tokens=1, num_inference_steps=25, use_cache=cache,
+                        generator=torch.Generator().manual_seed(0))
+
+    n = proc.modality_tokenizers["image"].num_tokens()
+    return {"tokens": n, "cached": best_of(lambda: run(True), 2), "uncached": best_of(lambda: run(False), 2)}
+
+
+def matmul_peak(n=2048, repeat=5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    secs = best_of(lambda: a @ b, repeat)
+    return 2 * n ** 3 / secs
+
+
+def bench_mfu(steps=3, batch=16):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, proc = make(hidden=1024, layers=4, heads=16, inter=2816, head_width=1024)
+    model.train()
+    ds = DigitsDataset(pairs_per_image=1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [proc([ds[i * batch + j] for j in range(batch)]) for i in range(steps + 1)]
+
+    def step(b):
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(batches[0])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batches[1]).loss.backward()
+    flops_per_step = counter.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+    secs = (time.perf_counter() - start) / steps
+    return {"params": sum(p.numel() for p in model.parameters()), "flops_per_step": flops_per_step,
+            "s_per_step": secs, "achieved": flops_per_step / secs}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    dec = bench_decode()
+    kv = [bench_kv_cache(s) for s in (8, 16, 32)]
+    peak = matmul_peak()
+    mfu = bench_mfu()
+    lines = [
+        "## Speed: decoding, KV cache, MFU",
+        "",
+        f"`python benchmarks/speed.py` on {machine()}.",
+        "",
+        "| benchmark | mmar | baseline | ratio |",
+        "|---|---|---|---|",
+        f"| text decoding, greedy, batch 8 x 64 tokens (3.2M model) | {dec['ours']:.0f} tok/s | "
+        f"HF `generate()` {dec['hf']:.0f} tok/s | **{dec['ours'] / dec['hf']:.2f}x** |",
+    ]
+    for r in kv:
+        lines.append(f"| image generation, {r['tokens']} image tokens, CFG, DDIM 25 | KV cache {r['cached']:.2f} s | "
+                     f"no cache {r['uncached']:.2f} s | **{r['uncached'] / r['cached']:.1f}x** faster |")
+    lines += [
+        f"| training MFU, hidden 1024 x 4 layers ({mfu['params'] / 1e6:.0f}M params), batch 16 | "
+        f"{mfu['achieved'] / 1e9:.0f} GFLOP/s | fp32 matmul peak {peak / 1e9:.0f} GFLOP/s | "
+        f"**{mfu['achieved'] / peak:.0%}** |",
+        "",
+        "KV-cache growth: cached time per image token " +
+        ", ".join(f"{r['tokens']}: {1e3 * r['cached'] / r['tokens']:.1f} ms" for r in kv) +
+        "; uncached " + ", ".join(f"{r['tokens']}: {1e3 * r['uncached'] / r['tokens']:.1f} ms" for r in kv) + ".",
+        f"MFU counts the FLOPs of one real training step (forward + backward, {mfu['flops_per_step'] / 1e9:.0f} "
+        "GFLOP, `torch.utils.flop_counter`) over its measured time.",
+    ]
+    update_section("speed", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
