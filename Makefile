@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,8 +28,11 @@ train: $(MODEL)/model.safetensors
 eval: train
 	$(VENV)/bin/mmar eval --model $(MODEL) --task digits --output $(MODEL)/metrics.json
 
-# The demo issue adds the Gradio app; until then `make demo` trains the default model if needed and evaluates it.
-demo: eval
+# `make demo`: trains the default model if $(MODEL) holds none yet, then serves the Gradio demo
+# on http://127.0.0.1:7860 (e.g. make demo DEMO_ARGS="--port 8080").
+DEMO_ARGS ?=
+demo: train
+	$(VENV)/bin/mmar demo --model $(MODEL) $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

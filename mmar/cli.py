@@ -92,6 +92,18 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tokenizer(ns: argparse.Namespace) -> int:
+    from .training.arguments import load_yaml
+    from .training.tokenizer_trainer import train_tokenizer
+
+    config = load_yaml(ns.config)
+    if ns.output_dir:
+        config["output_dir"] = ns.output_dir
+    report = train_tokenizer(config)
+    print(json.dumps({k: v for k, v in report.items() if k != "fit_mse_history"}, indent=2))
+    return 0
+
+
 def cmd_merge_lora(ns: argparse.Namespace) -> int:
     from .training.lora import merge_lora
 
@@ -113,9 +125,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
     pipe = MMARPipeline.from_pretrained(ns.model)
     pipe.set_progress_bar_config(disable=True)
-    session = ChatSession(pipe, ns.output_dir, seed=ns.seed, mode=ns.mode, temperature=ns.temperature,
-                          guidance_scale=ns.guidance_scale, max_new_tokens=ns.max_new_tokens,
-                          num_inference_steps=ns.num_inference_steps)
+    session = ChatSession(pipe, ns.output_dir, seed=ns.seed, memory=ns.memory, mode=ns.mode,
+                          temperature=ns.temperature, guidance_scale=ns.guidance_scale,
+                          max_new_tokens=ns.max_new_tokens, num_inference_steps=ns.num_inference_steps)
     for path in ns.image or []:
         session.attach_image(path)
     for path in ns.audio or []:
@@ -135,7 +147,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         return 2
     chat_examples, prompt_examples = digits_examples() if ns.examples == "digits" else (None, None)
     demo = build_demo(pipe, max_new_tokens=ns.max_new_tokens, max_prompt_chars=ns.max_prompt_chars,
-                      queue_size=ns.queue_size, chat_examples=chat_examples, prompt_examples=prompt_examples)
+                      queue_size=ns.queue_size, chat_memory=ns.memory, chat_examples=chat_examples,
+                      prompt_examples=prompt_examples)
     try:
         launch(demo, host=ns.host, port=ns.port, share=ns.share)
     except OSError as e:
@@ -207,13 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", action="append", metavar="PATH", help="attach an image to the first message")
     p.add_argument("--audio", action="append", metavar="PATH", help="attach an audio clip to the first message")
     p.add_argument("--output_dir", default=os.path.join("outputs", "chat"), help="where generated images go")
-    p.add_argument("--mode", default="auto", choices=["auto", "text", "image"],
-                   help="auto: the model chooses between text and images")
+    p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"],
+                   help="auto: the model chooses between text and images / audio")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--num_inference_steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", type=_bool, default=False, metavar="BOOL",
+                   help="send earlier turns to the model too (for models trained on multi-turn chats; "
+                        "the built-in digits model answers each message on its own)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="serve the Gradio demo", epilog=DEMO_EXAMPLES,
@@ -225,9 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=64, help="upper limit of the reply length")
     p.add_argument("--max_prompt_chars", type=int, default=500, help="longest prompt accepted")
     p.add_argument("--queue_size", type=int, default=16, help="requests waiting at most; more are refused")
+    p.add_argument("--memory", type=_bool, default=False, metavar="BOOL",
+                   help="the Chat tab's 'remember earlier turns' default (see mmar chat --help)")
     p.add_argument("--examples", default="digits", choices=["digits", "none"],
                    help="example prompts shown under the inputs (default: the built-in digits task's)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-tokenizer", help="learn a tokenizer's weights (e.g. the image-vq codebook)",
+                       epilog="example:\n  mmar train-tokenizer --config configs/vq-digits.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML: tokenizer spec, dataset, steps, batch_size, output_dir")
+    p.add_argument("--output_dir", help="overrides the config's output_dir")
+    p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model",
                        epilog="example:\n  mmar merge-lora --adapter runs/lora --output runs/merged",

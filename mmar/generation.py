@@ -61,7 +61,8 @@ class _Row:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: dict | None = None, *,
-             decode_text=None, mode: str = "auto", max_new_tokens: int = 64, max_items: int = 4,
+             decode_text=None, mode: str = "auto", max_new_tokens: int = 64, min_new_tokens: int = 0,
+             max_items: int = 4,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, guidance_scale: float = 1.0,
              image_temperature: float = 1.0, num_inference_steps: int | None = None, generator=None,
              suppress_ids: list[int] | None = None, use_cache: bool = True, progress: bool = False,
@@ -168,6 +169,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
             for i, b in enumerate(text_rows):
                 if mode == "text" or rows[b].n_items >= max_items:
                     logits[i, list(start_of)] = float("-inf")
+                if rows[b].n_text < min_new_tokens and eos is not None:
+                    logits[i, eos] = float("-inf")
                 if rows[b].n_text >= max_new_tokens and eos is not None:
                     logits[i] = float("-inf")
                     logits[i, eos] = 0.0

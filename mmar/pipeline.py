@@ -1,21 +1,90 @@
-"""MMARPipeline: load a model directory and generate interleaved text / images (diffusers-style)."""
+"""MMARPipeline: load a model directory and generate interleaved text / images (diffusers-style).
+
+``pipe(prompt)`` returns an :class:`MMARPipelineOutput`; ``pipe.stream(prompt)`` yields text pieces and
+finished images as they come; ``pipe.chat(history)`` answers the last user message of a conversation.
+Sampling defaults live in :class:`GenerationDefaults`, saved as ``generation_config.json`` next to the model.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import queue
+import threading
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image as PILImage
+from PIL import ImageOps
 
 from .generation import generate
 from .modeling import MMARModel
-from .sequence import Image, Message, MMARProcessor, as_messages
+from .sequence import Audio, Image, Message, MMARProcessor, Text, as_messages
+from .tokenizers.image_patch import load_image as _open_image
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+DEFAULT_GUIDANCE = 3.0  # used when the model was trained with condition dropout (so CFG has a branch to use)
+
+
+@dataclass
+class GenerationDefaults:
+    """What ``pipe(...)`` uses for every sampling argument left out. Key names follow transformers'
+    ``GenerationConfig`` where one exists (``temperature``, ``top_p``, ``guidance_scale``, ...)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 1.0
+    image_temperature: float = 1.0
+    num_inference_steps: int | None = None  # None: the head's own setting
+    max_items: int = 4
+
+    @classmethod
+    def for_model(cls, config) -> GenerationDefaults:
+        """Neutral defaults, with CFG on when the model learned an unconditional branch."""
+        cfg_ok = getattr(config, "cond_dropout_prob", 0.0) > 0 and bool(getattr(config, "modalities", None))
+        return cls(guidance_scale=DEFAULT_GUIDANCE if cfg_ok else 1.0)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike,
+                        base: GenerationDefaults | None = None) -> GenerationDefaults:
+        """``base`` updated with ``directory/generation_config.json`` when that file exists."""
+        base = base or cls()
+        path = os.path.join(directory, GENERATION_CONFIG_NAME)
+        if not os.path.isfile(path):
+            return base
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of generation settings")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in known and k != "transformers_version" and not k.startswith("_"))
+        if unknown:
+            warnings.warn(f"{path}: ignoring unknown generation settings {unknown}", stacklevel=2)
+        return dataclasses.replace(base, **{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, GENERATION_CONFIG_NAME), "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def _is_audio(seg: Any) -> bool:
+    return isinstance(seg, Audio) or (isinstance(seg, tuple) and seg[:1] == ("audio",))
 
 
 @dataclass
 class MMARPipelineOutput:
-    """One entry per prompt: its segments in order (``str`` / PIL image), and views by kind."""
+    """One entry per prompt: its segments in order (``str`` / PIL image / :class:`Audio`), and views by kind."""
 
     segments: list[list[Any]] = field(default_factory=list)
     latents: list[list[tuple[str, torch.Tensor]]] = field(default_factory=list)
@@ -26,25 +95,63 @@ class MMARPipelineOutput:
 
     @property
     def images(self) -> list[list[Any]]:
-        return [[s for s in row if not isinstance(s, str)] for row in self.segments]
+        return [[s for s in row if not isinstance(s, str) and not _is_audio(s)] for row in self.segments]
+
+    @property
+    def audios(self) -> list[list[Any]]:
+        return [[s for s in row if _is_audio(s)] for row in self.segments]
+
+
+class _TextStream:
+    """Incremental detokenizer: decode the whole text run, emit only what is new and complete
+    (a trailing U+FFFD means a multi-byte character is still missing bytes)."""
+
+    def __init__(self, decode):
+        self.decode, self.ids, self.sent = decode, [], ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def flush(self) -> str:
+        text = self.decode(self.ids) if self.ids else ""
+        piece = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.ids, self.sent = [], ""
+        return piece
+
+
+class _Cancelled(Exception):
+    """Raised inside the sampler's callback when the consumer of :meth:`MMARPipeline.stream` went away."""
 
 
 class MMARPipeline:
-    def __init__(self, model: MMARModel, processor: MMARProcessor):
+    def __init__(self, model: MMARModel, processor: MMARProcessor, generation_config: GenerationDefaults | None = None):
         self.model, self.processor = model.eval(), processor
+        self.generation_config = generation_config or GenerationDefaults.for_model(model.config)
         self.progress = True
+        self._lock = threading.Lock()  # one generation at a time: the heads' schedulers keep state
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> MMARPipeline:
+                        dtype: torch.dtype | str = torch.float32) -> MMARPipeline:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such model directory")
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(f"{directory}: not a model directory (no config.json; train one with `mmar train`)")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         model = MMARModel.from_pretrained(directory, dtype=dtype).to(device)
-        return cls(model, MMARProcessor.from_pretrained(directory))
+        defaults = GenerationDefaults.from_pretrained(directory, GenerationDefaults.for_model(model.config))
+        return cls(model, MMARProcessor.from_pretrained(directory), defaults)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
+        self.generation_config.save_pretrained(directory)
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
@@ -53,22 +160,94 @@ class MMARPipeline:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # -- inputs --------------------------------------------------------------------------------
+    def load_image(self, raw: Any) -> PILImage.Image:
+        """Open a path / PIL image / uint8 array and fit it to the image tokenizer (colour mode, size by
+        centre crop + resize), for front doors that take any upload. Bad files raise a clear error."""
+        tok = self.processor.modality_tokenizers.get("image")
+        if tok is None:
+            raise ValueError("this model takes no images; it handles "
+                             f"{', '.join(self.processor.modality_tokenizers) or 'text only'}")
+        img = _open_image(raw)
+        if isinstance(img, np.ndarray):
+            img = PILImage.fromarray(img)
+        if not isinstance(img, PILImage.Image):
+            raise TypeError(f"cannot read an image from {type(img).__name__}; give a path, a PIL image or an array")
+        channels, size = getattr(tok, "channels", 3), getattr(tok, "image_size", None)
+        img = img.convert("L" if channels == 1 else "RGB")
+        if size and img.size != (size, size):
+            smaller = img.size[0] > size or img.size[1] > size
+            img = ImageOps.fit(img, (size, size), method=PILImage.BOX if smaller else PILImage.BICUBIC)
+        return img
+
     def _prompt(self, prompt: Any, images: list | None) -> list[Message]:
         if isinstance(prompt, str):
             if not prompt.strip() and not images:
                 raise ValueError("empty prompt: give some text or an image")
             content = [Image(im) for im in images or []] + ([prompt] if prompt.strip() else [])
             return [Message("user", content)]
-        return as_messages(prompt)
+        return self.messages(prompt)
+
+    @staticmethod
+    def messages(history: Any) -> list[Message]:
+        """Normalise a conversation: :class:`Message` objects or ``{"role", "content"}`` dicts whose content
+        is a string, a segment, a PIL image, or a list of those and of typed parts
+        (``{"type": "text", "text"}``, ``{"type": "image", "image" | "path"}``) as in chat templates."""
+        if isinstance(history, (Message, dict)):
+            history = [history]
+        if not isinstance(history, (list, tuple)) or not history:
+            raise ValueError("a conversation must be a non-empty list of messages")
+        if not all(isinstance(m, (Message, dict)) for m in history):
+            return as_messages(history)
+        out = []
+        for m in history:
+            if isinstance(m, Message):
+                out.append(m)
+                continue
+            if "role" not in m:
+                raise ValueError(f"a chat message needs a 'role' and a 'content', got keys {sorted(m)}")
+            content = m.get("content", [])
+            parts = content if isinstance(content, (list, tuple)) else [content]
+            out.append(Message(m["role"], [_segment(p) for p in parts]))
+        return out
+
+    # -- generation ----------------------------------------------------------------------------
+    def _settings(self, **kwargs) -> dict:
+        """The sampling arguments given, the rest from ``self.generation_config``."""
+        settings = dataclasses.asdict(self.generation_config)
+        settings.update({k: v for k, v in kwargs.items() if v is not None})
+        return settings
+
+    def _run(self, prompts: list, image_lists: list, mode: str, generator, settings: dict, callback=None):
+        start = mode if mode in self.processor.modality_tokenizers else None
+        enc = [self.processor.encode(self._prompt(p, im), add_generation_prompt=True, start_modality=start)
+               for p, im in zip(prompts, image_lists)]
+        b = self.processor.collate(enc, padding_side="left")
+        dev = self.device
+        values = {m: v.to(dev) for m, v in b["values"].items()}
+        with self._lock:
+            return generate(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev), values,
+                            decode_text=self.processor.decode_text, mode=mode, generator=generator,
+                            suppress_ids=self.processor.tokenizer.all_special_ids, progress=self.progress,
+                            callback=callback, **settings)
+
+    def _decode(self, item: tuple[str, torch.Tensor], output_type: str):
+        if output_type == "latent":
+            return item
+        if output_type != "pil":
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        return self.processor.decode_item(*item)
 
     @torch.no_grad()
     def __call__(self, prompt: Any, images: list | None = None, *, mode: str = "auto",
-                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 guidance_scale: float = 1.0, image_temperature: float = 1.0,
-                 num_inference_steps: int | None = None, generator=None, max_items: int = 4,
-                 output_type: str = "pil") -> MMARPipelineOutput:
-        """``prompt``: a string, a list of messages, or a list of those (a batch). ``images``: images that
-        go before the text of a string prompt (one list per prompt in a batch)."""
+                 max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, guidance_scale: float | None = None,
+                 image_temperature: float | None = None, num_inference_steps: int | None = None,
+                 max_items: int | None = None, generator=None, output_type: str = "pil") -> MMARPipelineOutput:
+        """``prompt``: a string, a conversation (list of messages), or a list of those (a batch). ``images``:
+        images that go before the text of a string prompt (one list per prompt in a batch). Sampling
+        arguments (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
+        ``image_temperature``, ``num_inference_steps``, ``max_items``) default to ``self.generation_config``."""
         batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict))
         prompts = prompt if batch else [prompt]
         image_lists = images if batch else [images]
@@ -76,29 +255,92 @@ class MMARPipeline:
             image_lists = [None] * len(prompts)
         if len(image_lists) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(image_lists)} image lists")
-        start = mode if mode in self.processor.modality_tokenizers else None
-        enc = [self.processor.encode(self._prompt(p, im), add_generation_prompt=True, start_modality=start)
-               for p, im in zip(prompts, image_lists)]
-        b = self.processor.collate(enc, padding_side="left")
-        dev = self.device
-        values = {m: v.to(dev) for m, v in b["values"].items()}
-        tok = self.processor.tokenizer
-        out = generate(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev), values,
-                       decode_text=self.processor.decode_text, mode=mode, max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
-                       image_temperature=image_temperature, num_inference_steps=num_inference_steps,
-                       generator=generator, max_items=max_items, suppress_ids=tok.all_special_ids,
-                       progress=self.progress)
-        segments = []
-        for row in out.segments:
-            segs = []
-            for s in row:
-                if isinstance(s, str):
-                    segs.append(s)
-                elif output_type == "latent":
-                    segs.append(s)
-                else:
-                    segs.append(self.processor.decode_item(*s))
-            segments.append(segs)
+        settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  guidance_scale=guidance_scale, image_temperature=image_temperature,
+                                  num_inference_steps=num_inference_steps, max_items=max_items)
+        out = self._run(prompts, image_lists, mode, generator, settings)
+        segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]
         latents = [[s for s in row if not isinstance(s, str)] for row in out.segments]
         return MMARPipelineOutput(segments=segments, latents=latents)
+
+    def stream(self, prompt: Any, images: list | None = None, *, mode: str = "auto",
+               max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, guidance_scale: float | None = None,
+               image_temperature: float | None = None, num_inference_steps: int | None = None,
+               max_items: int | None = None, generator=None, output_type: str = "pil") -> Iterator[Any]:
+        """Like ``__call__`` for one prompt, but yields text pieces (``str``) and finished images as the
+        sampler produces them. Generation runs in a background thread; closing the iterator stops it."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)):
+            raise ValueError("stream() takes one prompt; call the pipeline itself for a batch")
+        settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  guidance_scale=guidance_scale, image_temperature=image_temperature,
+                                  num_inference_steps=num_inference_steps, max_items=max_items)
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def callback(row: int, event: Any) -> None:
+            if stop.is_set():
+                raise _Cancelled
+            events.put(("event", event))
+
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    self._run([prompt], [images], mode, generator, settings, callback=callback)
+            except _Cancelled:
+                pass
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                events.put(("error", e))
+            finally:
+                events.put(("end", None))
+
+        text = _TextStream(self.processor.decode_text)
+        thread = threading.Thread(target=work, name="mmar-stream", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, event = events.get()
+                if kind == "error":
+                    raise event
+                if kind == "end":
+                    break
+                piece = text.add(event) if isinstance(event, int) else text.flush()
+                if piece:
+                    yield piece
+                if isinstance(event, tuple):
+                    yield self._decode(event, output_type)
+        finally:
+            stop.set()
+            thread.join()
+
+    def chat(self, history: Any, *, stream: bool = False, **kwargs) -> list[Any] | Iterator[Any]:
+        """The assistant's reply to a conversation whose last message is the user's: its segments
+        (``str`` / PIL image), or with ``stream=True`` an iterator of pieces as in :meth:`stream`."""
+        messages = self.messages(history)
+        if messages[-1].role != "user":
+            raise ValueError(f"the last message must be the user's, got a {messages[-1].role!r} message")
+        if stream:
+            return self.stream(messages, **kwargs)
+        return self(messages, **kwargs).segments[0]
+
+
+def _segment(part: Any) -> Any:
+    """One content part of a chat message -> a str / Text / Image / Audio segment."""
+    if isinstance(part, (str, Text, Image, Audio)):
+        return part
+    if isinstance(part, (PILImage.Image, np.ndarray)):
+        return Image(part)
+    if isinstance(part, dict):
+        kind = part.get("type")
+        if kind == "text" and "text" in part:
+            return part["text"]
+        if kind == "image":
+            for key in ("image", "path"):
+                if key in part:
+                    return Image(part[key])
+        if kind == "audio":
+            for key in ("audio", "path"):
+                if key in part:
+                    return Audio(part[key], part.get("sampling_rate"))
+    raise ValueError(f"cannot read a chat content part {part!r:.80}; give a string, an image, or "
+                     '{"type": "text", "text": ...} / {"type": "image", "image": ...}')

@@ -35,17 +35,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class ResBlock(nn.Module):
-    """LayerNorm -> AdaLN modulation -> MLP, gated residual."""
+    """One residual block: LayerNorm -> AdaLN modulation -> MLP, gated (applied by ``denoise``)."""
 
     def __init__(self, width: int):
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
 
 
 class SimpleMLPAdaLN(nn.Module):
@@ -67,11 +63,20 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(ada.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        y = self.time_embed(timestep_features(t).to(x.dtype)) + self.cond_embed(cond)
+        return self.denoise(x, self.modulations(self.time_embed(timestep_features(t).to(x.dtype))
+                                                + self.cond_embed(cond)))
+
+    def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The AdaLN shift / scale / gate of every block for condition embeddings ``y`` ``[..., width]``;
+        in sampling they are computed for all steps at once, since the condition does not change."""
+        return [block.ada(y) for block in self.blocks] + [self.final_ada(y)]
+
+    def denoise(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         x = self.input_proj(x)
-        for block in self.blocks:
-            x = block(x, y)
-        shift, scale = self.final_ada(y).chunk(2, dim=-1)
+        for block, mod in zip(self.blocks, mods):
+            shift, scale, gate = mod.chunk(3, dim=-1)
+            x = x + gate * block.mlp(modulate(block.norm(x), shift, scale))
+        shift, scale = mods[-1].chunk(2, dim=-1)
         return self.out(modulate(self.final_norm(x), shift, scale))
 
 
@@ -143,11 +148,15 @@ class DiffusionHead(Head):
         x = randn_tensor((n, self.token_dim), generator=generator, device=cond.device, dtype=dtype)
         x = x * temperature * sched.init_noise_sigma
         cfg = uncond is not None
-        c = torch.cat([cond, uncond]) if cfg else cond
+        c = self.net.cond_embed(torch.cat([cond, uncond]) if cfg else cond)
+        # every step's AdaLN modulations in one batched call per layer: [steps, rows, ...]
+        steps = sched.timesteps.to(cond.device)
+        t_emb = self.net.time_embed(timestep_features(steps).to(c.dtype))
+        mods = self.net.modulations(t_emb[:, None, :] + c[None])
         step_params = inspect.signature(sched.step).parameters
-        for t in sched.timesteps:
+        for i, t in enumerate(sched.timesteps):
             xin = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            out = self.net(xin, t.expand(xin.shape[0]).to(cond.device), c)
+            out = self.net.denoise(xin, [m[i] for m in mods])
             if cfg:
                 oc, ou = out.chunk(2)
                 out = ou + guidance_scale * (oc - ou)
