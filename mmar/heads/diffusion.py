@@ -8,6 +8,7 @@ schedulers; v-prediction by default (MMAR, Orthus), epsilon selectable.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 
@@ -107,7 +108,8 @@ class DiffusionHead(Head):
         return self._samplers["_train"]
 
     def sampler(self, name: str | None = None):
-        """A diffusers scheduler of class ``name`` sharing the training noise schedule (cached)."""
+        """A fresh diffusers scheduler of class ``name`` sharing the training noise schedule (schedulers
+        keep per-call state in ``set_timesteps``, so each sampling call gets its own copy: thread-safe)."""
         name = name or self.scheduler_name
         if name not in self._samplers:
             cls = getattr(diffusers, name, None)
@@ -115,7 +117,7 @@ class DiffusionHead(Head):
                 raise ValueError(f"{name!r} is not a diffusers scheduler class")
             with torch.device("cpu"):
                 self._samplers[name] = cls.from_config(self.train_scheduler.config)
-        return self._samplers[name]
+        return copy.deepcopy(self._samplers[name])
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
