@@ -7,7 +7,7 @@ MODEL  ?= runs/digits
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test train eval demo clean
+.PHONY: install test train eval demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ eval: train
 DEMO_ARGS ?=
 demo: train
 	$(VENV)/bin/mmar demo --model $(MODEL) $(DEMO_ARGS)
+
+# `make bench`: every benchmark, each rewriting its section of BENCHMARKS.md (about 45 minutes on 2 cores;
+# run it on an otherwise idle machine: the timings are only as quiet as the machine).
+bench: install
+	$(PY) benchmarks/digits_quality.py --output_dir runs/bench-digits
+	$(PY) benchmarks/orthus_table.py --continuous runs/bench-digits
+	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/finetune.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

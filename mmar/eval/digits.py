@@ -3,7 +3,9 @@
 * image-to-text: accuracy of the answer to "which digit is this?" on every held-out image;
 * text-to-image: ``per_digit`` images per digit, generated with CFG; accuracy = the share that an
   independent classifier (an RBF SVC fitted on the training split) assigns to the prompted digit;
-* interleaved: "a 3 and then a 4:" -> both generated images must be classified right, in order.
+* interleaved: "a 3 and then a 4:" -> both generated images must be classified right, in order;
+* Fréchet distance between the generated images and the held-out ones, in the hidden layer of a small
+  MLP trained on the training split (and, for scale, the same distance for as many real training images).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..sequence import Image, Message
 from ..training.pictures import image_grid
 
 BATCH = 100
+FD_FEATURES = 32
 _WORDS = {w: i for i, w in enumerate(DIGIT_WORDS)}
 
 
@@ -34,6 +37,32 @@ def fit_classifier(seed: int = 0):
     xte, yte = load_digit_split("test")
     clf = SVC(C=10.0, gamma="scale", random_state=seed).fit(xtr.reshape(len(xtr), -1) / 255.0, ytr)
     return clf, float((clf.predict(xte.reshape(len(xte), -1) / 255.0) == yte).mean())
+
+
+def fit_feature_extractor(seed: int = 0):
+    """A small MLP trained here on the training split; its hidden layer is the feature space of the
+    Fréchet distance (an offline stand-in for Inception features)."""
+    from sklearn.neural_network import MLPClassifier
+
+    xtr, ytr = load_digit_split("train")
+    return MLPClassifier(hidden_layer_sizes=(FD_FEATURES,), max_iter=600, random_state=seed).fit(
+        xtr.reshape(len(xtr), -1) / 255.0, ytr)
+
+
+def features(mlp, images: list | np.ndarray) -> np.ndarray:
+    x = (np.stack([np.asarray(im.convert("L"), dtype=np.float32).reshape(-1) for im in images]) if isinstance(
+        images, list) else images.reshape(len(images), -1).astype(np.float32)) / 255.0
+    return np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    eps = 1e-6 * np.eye(a.shape[1])  # dead ReLU units have zero variance
+    cov_a, cov_b = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean.real))
 
 
 def classify(clf, images: list) -> np.ndarray:
@@ -81,6 +110,9 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
         images += [imgs[0] for imgs in out.images]
     pred = classify(clf, images)
     t2i = float(np.mean(pred == np.array(digits)))
+    mlp = fit_feature_extractor(seed)
+    fd = frechet_distance(features(mlp, images), features(mlp, xte))
+    fd_real = frechet_distance(features(mlp, load_digit_split("train")[0][: len(images)]), features(mlp, xte))
     per_digit_acc = {str(d): float(np.mean(pred[np.array(digits) == d] == d)) for d in range(10)}
 
     # interleaved: two images in one answer
@@ -99,6 +131,7 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
         "image_to_text_accuracy": i2t, "text_to_image_accuracy": t2i,
         "interleaved_accuracy": float(np.mean(ok)), "interleaved_two_images_rate": complete / max(len(pair_digits), 1),
         "text_to_image_per_digit": per_digit_acc, "classifier_heldout_accuracy": clf_acc,
+        "frechet_distance": fd, "frechet_distance_real_train": fd_real,
         "n_heldout": int(len(yte)), "n_generated": len(images), "guidance_scale": guidance_scale,
         "head": pipe.model.config.modalities["image"]["head"]["name"],
         "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"].get("num_inference_steps"),
