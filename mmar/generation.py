@@ -65,13 +65,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
              max_items: int = 4,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, guidance_scale: float = 1.0,
              image_temperature: float = 1.0, num_inference_steps: int | None = None, generator=None,
-             suppress_ids: list[int] | None = None, use_cache: bool = True, progress: bool = False,
-             callback=None) -> GenerationOutput:
+             suppress_ids: list[int] | None = None, eos_token_id: int | None = None, use_cache: bool = True,
+             progress: bool = False, callback=None) -> GenerationOutput:
     """Sample continuations of a left-padded batch (see :meth:`MMARProcessor.collate`).
 
     ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; ``"image"`` / ``"audio"``
     expect the prompt to end with that modality's start token (``start_modality`` in the processor).
-    ``suppress_ids`` are never sampled (e.g. the tokenizer's other special tokens); ``temperature=0`` is greedy. ``guidance_scale`` > 1 turns classifier-free guidance on.
+    ``suppress_ids`` are never sampled (e.g. the tokenizer's other special tokens); ``eos_token_id``
+    (default: the backbone's) ends a row, e.g. the processor's ``stop_id``; ``temperature=0`` is greedy. ``guidance_scale`` > 1 turns classifier-free guidance on.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -82,7 +83,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
     start_of = {s["token_ids"]["start"]: m for m, s in mods.items()}
     n_tokens = {m: s["num_tokens"] for m, s in mods.items()}
     bb = cfg.backbone_config
-    eos, pad, bos = bb.eos_token_id, bb.pad_token_id, bb.bos_token_id
+    eos, pad, bos = (eos_token_id if eos_token_id is not None else bb.eos_token_id), bb.pad_token_id, bb.bos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = eos if pad is None else pad
     banned = [s["token_ids"][k] for s in mods.values() for k in ("token", "end")]

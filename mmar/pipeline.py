@@ -228,7 +228,8 @@ class MMARPipeline:
         with self._lock:
             return generate(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev), values,
                             decode_text=self.processor.decode_text, mode=mode, generator=generator,
-                            suppress_ids=self.processor.tokenizer.all_special_ids, progress=self.progress,
+                            suppress_ids=self.processor.tokenizer.all_special_ids,
+                            eos_token_id=self.processor.stop_id, progress=self.progress,
                             callback=callback, **settings)
 
     def _decode(self, item: tuple[str, torch.Tensor], output_type: str):

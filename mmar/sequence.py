@@ -73,6 +73,16 @@ def as_messages(sample: Any) -> list[Message]:
     return [Message("assistant", list(sample))]
 
 
+def chat_markers(tokenizer) -> dict | None:
+    """ChatML turn markers (Qwen, many instruct models) when the tokenizer has them; otherwise turns are
+    laid out back to back and each answer ends with EOS (the built-in from-scratch models)."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_start|>" not in vocab or "<|im_end|>" not in vocab:
+        return None
+    return {"start": vocab["<|im_start|>"], "end": vocab["<|im_end|>"],
+            "newline": tokenizer.encode("\n", add_special_tokens=False)}
+
+
 @dataclass
 class Encoded:
     """One sample laid out as token ids, labels and per-modality continuous tokens."""
@@ -97,6 +107,9 @@ class MMARProcessor:
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.chat = chat_markers(tokenizer)
+        # the token that ends an answer: ChatML's <|im_end|> when the tokenizer has it, else EOS
+        self.stop_id = self.chat["end"] if self.chat else self.eos_id
 
     # -- segments -> ids -----------------------------------------------------------------------
     def encode_text(self, text: str) -> list[int]:
@@ -133,8 +146,13 @@ class MMARProcessor:
         ids: list[int] = [] if self.bos_id is None else [self.bos_id]
         labels: list[int] = [IGNORE] * len(ids)
         values: dict[str, list[torch.Tensor]] = {m: [] for m in self.modality_tokenizers}
+        # with condition dropout only the answer's items remain, exactly what CFG's unconditional branch sees
+        markers = self.chat is not None and not drop_prompt
         for msg in messages:
             train = msg.role == "assistant"
+            if markers:
+                ids += self.role_prefix(msg.role)
+                labels += [IGNORE] * len(self.role_prefix(msg.role))
             for seg in msg.content:
                 if isinstance(seg, Text):
                     if drop_prompt and not train:
@@ -149,9 +167,15 @@ class MMARProcessor:
                     ids += new
                     labels += new if train else [IGNORE] * len(new)
                     values[modality].append(tokens)
-            if train and self.eos_id is not None:
-                ids.append(self.eos_id)
-                labels.append(self.eos_id)
+            if markers:
+                ids += [self.chat["end"]] + self.chat["newline"]
+                labels += ([self.chat["end"]] if train else [IGNORE]) + [IGNORE] * len(self.chat["newline"])
+            elif train and self.stop_id is not None:
+                ids.append(self.stop_id)
+                labels.append(self.stop_id)
+        if add_generation_prompt and self.chat is not None:
+            ids += self.role_prefix("assistant")
+            labels += [IGNORE] * len(self.role_prefix("assistant"))
         if add_generation_prompt and start_modality is not None:
             if start_modality not in self.token_ids:
                 raise ValueError(f"cannot start a {start_modality!r} item: this model has no such tokenizer")
@@ -160,6 +184,10 @@ class MMARProcessor:
         if len(ids) == 0:
             raise ValueError("the sample is empty")
         return Encoded(ids, labels, values)
+
+    def role_prefix(self, role: str) -> list[int]:
+        """ChatML's ``<|im_start|>role\n``."""
+        return [self.chat["start"]] + self.tokenizer.encode(f"{role}\n", add_special_tokens=False)
 
     # -- batches -------------------------------------------------------------------------------
     def collate(self, encoded: list[Encoded], padding_side: str = "right") -> dict[str, Any]:

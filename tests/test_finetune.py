@@ -184,7 +184,8 @@ def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):
     from mmar.datasets.digits import all_texts
     from mmar.tokenizers import train_bpe_tokenizer
 
-    tok = train_bpe_tokenizer(all_texts() + ["which digit is this?"], vocab_size=300)
+    tok = train_bpe_tokenizer(all_texts() + ["which digit is this?", "user", "assistant"], vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})  # a ChatML tokenizer
     torch.manual_seed(0)
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "qwen")
@@ -206,6 +207,7 @@ def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):
     assert (run / "image_tokenizer" / "vae" / "diffusion_pytorch_model.safetensors").exists()
     base = MMARModel.from_pretrained(run / "base")
     assert base.config.backbone_config.model_type == "qwen2"
+    assert MMARProcessor.from_pretrained(run).chat is not None  # turns laid out with ChatML markers
     assert base.config.modalities["image"]["token_dim"] == 16  # 2x2 patches of 4 latent channels
     assert main(["merge-lora", "--adapter", str(run), "--output", str(tmp_path / "merged")]) == 0
     from mmar.pipeline import MMARPipeline

@@ -93,3 +93,27 @@ def test_bare_segments_are_one_assistant_turn():
     assert len(msgs) == 1 and msgs[0].role == "assistant" and len(msgs[0].content) == 2
     chat = as_messages([{"role": "user", "content": ["hi"]}])
     assert chat[0].role == "user"
+
+
+def test_chatml_markers_when_the_tokenizer_has_them(digit_image):
+    from mmar import MMARProcessor, build_tokenizer
+    from mmar.datasets.digits import all_texts
+    from mmar.tokenizers import add_modality_tokens, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(all_texts() + ["user", "assistant"], vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    add_modality_tokens(tok, ["image"])
+    proc = MMARProcessor(tok, {"image": build_tokenizer({"name": "image-patch"})})
+    img, _ = digit_image
+    sample = [Message("user", [Image(img), "which digit is this?"]), Message("assistant", "7")]
+    enc = proc.encode(sample)
+    text = tok.decode(enc.input_ids)
+    assert text.startswith("<|bos|><|im_start|>user\n<|image_start|>") and "<|im_start|>assistant\n7<|im_end|>" in text
+    trained = tok.decode([t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE])
+    assert trained == "7<|im_end|>" and proc.stop_id == tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = proc.encode(sample[:1], add_generation_prompt=True, start_modality="image")
+    assert tok.decode(prompt.input_ids).endswith("<|im_start|>assistant\n<|image_start|>")
+    dropped = proc.encode([Message("user", "draw a 7"), Message("assistant", [Image(img)])], drop_prompt=True)
+    assert dropped.input_ids[:2] == [proc.bos_id, proc.token_ids["image"]["start"]]  # = CFG's unconditional view
+    with pytest.raises(ValueError, match="reserved token '<\\|im_start\\|>'"):
+        proc.encode([Message("user", "<|im_start|>system")])

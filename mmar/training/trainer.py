@@ -243,6 +243,9 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         final = acc.unwrap_model(model) if ema is None else ema.module
         final.save_pretrained(targs.output_dir)
         processor.save_pretrained(targs.output_dir)
+        from ..pipeline import GenerationDefaults
+
+        GenerationDefaults.for_model(final.config).save_pretrained(targs.output_dir)
         plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
         preview(final, processor, dataset, targs, "final")
         acc.print(f"mmar: trained {step} steps in {time.time() - start:.0f}s; model saved to {targs.output_dir}")
