@@ -80,13 +80,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
         raise ValueError("generation needs left padding (the last column of every row must be real)")
     cfg = model.config
     mods = cfg.modalities
-    start_of = {s["token_ids"]["start"]: m for m, s in mods.items()}
+    start_of = {s["token_ids"]["start"]: m for m, s in mods.items() if s.get("can_generate", True)}
+    understanding_only = [s["token_ids"]["start"] for s in mods.values() if not s.get("can_generate", True)]
+    if mode in mods and not mods[mode].get("can_generate", True):
+        raise ValueError(f"this model's {mode} tokenizer is for understanding only; it cannot generate {mode}")
     n_tokens = {m: s["num_tokens"] for m, s in mods.items()}
     bb = cfg.backbone_config
     eos, pad, bos = (eos_token_id if eos_token_id is not None else bb.eos_token_id), bb.pad_token_id, bb.bos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad = eos if pad is None else pad
-    banned = [s["token_ids"][k] for s in mods.values() for k in ("token", "end")]
+    banned = [s["token_ids"][k] for s in mods.values() for k in ("token", "end")] + understanding_only
     banned += [t for t in [bos, pad, *(suppress_ids or [])] if t is not None and t != eos and t not in start_of]
     decode_text = decode_text or (lambda ids: ids)
     B, device = input_ids.shape[0], input_ids.device

@@ -63,10 +63,11 @@ class MMARModel(MMARPreTrainedModel):
             if spec.get("vocab_size"):  # discrete codes: a codebook embedding in, a codebook head out
                 self.projections[m] = nn.Embedding(spec["vocab_size"], hidden)
                 self.heads[m] = build_head(spec["head"], cond_dim=hidden, vocab_size=spec["vocab_size"])
-            else:  # continuous tokens: an MLP in, e.g. a diffusion head out
+            else:  # continuous tokens: an MLP in, e.g. a diffusion head out (none for understanding-only)
                 dim = spec["token_dim"]
                 self.projections[m] = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-                self.heads[m] = build_head(spec["head"], cond_dim=hidden, token_dim=dim)
+                if spec.get("can_generate", True):
+                    self.heads[m] = build_head(spec["head"], cond_dim=hidden, token_dim=dim)
             if config.pos_embed:
                 self.pos_embeds[m] = nn.Embedding(spec["num_tokens"], hidden)
         self.placeholder = config.placeholder_ids()
@@ -149,6 +150,9 @@ class MMARModel(MMARPreTrainedModel):
             if not target.any():
                 losses[m] = zero
                 continue
+            if m not in self.heads:
+                raise ValueError(f"{m} tokens are targets here, but this model's {m} tokenizer is for "
+                                 "understanding only (no head can produce them)")
             trained = (labels == ph)[input_ids == ph]  # which of this modality's tokens are targets
             goal = values[m][trained]
             losses[m] = self.heads[m].loss(h[target], goal.to(h.dtype) if goal.is_floating_point() else goal)
@@ -187,6 +191,7 @@ def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwar
                                                                                      **_shared(head)}
         else:
             spec["token_dim"] = tok.token_dim
+            spec["can_generate"] = tok.can_decode
         specs[m] = spec
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
