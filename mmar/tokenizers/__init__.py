@@ -2,11 +2,12 @@
 
 from .audio_mel import AudioMelTokenizer
 from .base import ModalityTokenizer, available_tokenizers, build_tokenizer, register_tokenizer
+from .image_clip import ImageCLIPTokenizer
 from .image_patch import ImagePatchTokenizer
 from .image_vae import ImageVAETokenizer
 from .image_vq import ImageVQTokenizer
 from .text import add_modality_tokens, modality_token_ids, modality_tokens, train_bpe_tokenizer
 
-__all__ = ["ModalityTokenizer", "AudioMelTokenizer", "ImagePatchTokenizer", "ImageVAETokenizer", "ImageVQTokenizer", "available_tokenizers",
+__all__ = ["ModalityTokenizer", "ImageCLIPTokenizer", "AudioMelTokenizer", "ImagePatchTokenizer", "ImageVAETokenizer", "ImageVQTokenizer", "available_tokenizers",
            "build_tokenizer", "register_tokenizer", "add_modality_tokens", "modality_token_ids", "modality_tokens",
            "train_bpe_tokenizer"]
