@@ -131,6 +131,10 @@ def main() -> None:
         f"| padded | {padded['tokens_per_s']:.0f} | {padded['padding_share']:.0%} |",
         f"| packed | {packed['tokens_per_s']:.0f} | {packed['padding_share']:.0%} |",
         f"| ratio packed / padded | **{packed['tokens_per_s'] / padded['tokens_per_s']:.2f}x** | |",
+        "",
+        "Packing removes the padding (31% -> 7% of the slots) but the gain is smaller than that share: about "
+        "half of a digits step is the diffusion head, whose work (one row per image token) padding never "
+        "touched. The issue's target (packed >= 1.3x padded) is met only where the backbone dominates.",
     ]
     update_section("finetune", "\n".join(lines))
     print("\n".join(lines))
