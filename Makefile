@@ -39,6 +39,7 @@ demo: train
 bench: install
 	$(PY) benchmarks/digits_quality.py --output_dir runs/bench-digits
 	$(PY) benchmarks/orthus_table.py --continuous runs/bench-digits
+	$(PY) benchmarks/sampling_steps.py --model runs/bench-digits
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/finetune.py
 
