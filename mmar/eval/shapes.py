@@ -1,0 +1,194 @@
+"""Evaluate a model on the held-out shapes: a GenEval-like check of generated images, and visual QA.
+
+Generated images are read by classical image analysis, no learned model: pixels brighter than the
+background are assigned to the nearest palette colour, each colour's connected components (scipy)
+are objects, an object's kind comes from its bounding box (fill ratio; a triangle is much wider at
+the bottom than at the top), its place from its centroid. Each prompt is checked for count,
+colours, shapes and positions; ``overall`` is the share of images that pass every check (GenEval's
+rule). :func:`analyser_accuracy` validates the analyser on the real held-out images.
+
+Image-to-text: greedy answers to every question of every held-out scene, exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from ..datasets.shapes import COLOURS, QUESTIONS, Scene, load_split, questions, t2i_prompt
+from ..pipeline import MMARPipeline
+from ..sequence import Image, Message
+from ..training.pictures import image_grid
+
+BATCH = 100
+FOREGROUND = 100  # a pixel whose brightest channel exceeds this is not background (which is black)
+MIN_AREA = 6  # smaller components are noise (the smallest real shape covers 21 pixels at 16x16)
+TRIANGLE_ASYMMETRY = 0.35  # (bottom-third width - top-third width) / box width: 0 for circles, ~0.7 for triangles
+SQUARE_FILL = 0.87  # area / box area: 1.0 for squares, <= 0.76 for circles
+CATEGORIES = ("count", "colour", "shape", "position")
+PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+COLOUR_NAMES = list(COLOURS)
+MAX_ANSWER_TOKENS = 24
+GRID_COLS = 10
+GRID_SCALE = 4
+
+
+@dataclass
+class Detection:
+    colour: str
+    kind: str
+    cx: float
+    cy: float
+    area: int
+
+
+def shape_kind(mask: np.ndarray) -> str:
+    """The kind of one object from its mask cropped to its bounding box."""
+    h, w = mask.shape
+    third = max(h // 3, 1)
+    asymmetry = (mask[-third:].sum(1).mean() - mask[:third].sum(1).mean()) / w
+    if asymmetry > TRIANGLE_ASYMMETRY:
+        return "triangle"
+    return "square" if mask.sum() / (h * w) > SQUARE_FILL else "circle"
+
+
+def detect(image: Any) -> list[Detection]:
+    """The objects in an RGB image (PIL or uint8 array), largest first."""
+    from scipy import ndimage
+
+    arr = np.asarray(image.convert("RGB") if isinstance(image, PILImage.Image) else image, dtype=np.float32)
+    foreground = arr.max(-1) > FOREGROUND
+    nearest = ((arr[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
+    found = []
+    for c, name in enumerate(COLOUR_NAMES):
+        labels, n = ndimage.label(foreground & (nearest == c))
+        for k, box in enumerate(ndimage.find_objects(labels), start=1):
+            mask = ndimage.binary_fill_holes(labels[box] == k)
+            if mask.sum() < MIN_AREA:
+                continue
+            ys, xs = np.nonzero(mask)
+            found.append(Detection(name, shape_kind(mask), float(xs.mean() + box[1].start),
+                                   float(ys.mean() + box[0].start), int(mask.sum())))
+    return sorted(found, key=lambda d: -d.area)
+
+
+def place_of(d: Detection, size: int) -> str:
+    dx, dy = d.cx - (size - 1) / 2, d.cy - (size - 1) / 2
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def check(scene: Scene, image: Any) -> dict[str, bool | None]:
+    """Per-category verdicts for an image generated from ``scene``'s caption (``None``: not applicable)."""
+    found = detect(image)
+    size = np.asarray(image).shape[0] if not isinstance(image, PILImage.Image) else image.size[1]
+    want = scene.shapes
+    result: dict[str, bool | None] = {
+        "count": len(found) == len(want),
+        "colour": Counter(d.colour for d in found) == Counter(s.colour for s in want),
+        "shape": Counter(d.kind for d in found) == Counter(s.kind for s in want),
+    }
+    if len(want) == 1:
+        result["position"] = len(found) == 1 and place_of(found[0], size) == scene.layout
+    elif scene.is_count:
+        result["position"] = None  # "two red circles" says nothing about where
+    else:
+        axis = "cx" if scene.layout == "horizontal" else "cy"
+        order = sorted(found, key=lambda d: getattr(d, axis))
+        result["position"] = len(found) == 2 and [(d.colour, d.kind) for d in order] == \
+            [(s.colour, s.kind) for s in want]
+    result["overall"] = all(v for v in result.values() if v is not None)
+    return result
+
+
+def summarise(scenes: list[Scene], verdicts: list[dict]) -> dict[str, Any]:
+    """Mean of each category over the prompts it applies to, overall, and overall per kind of prompt."""
+    out = {}
+    for key in (*CATEGORIES, "overall"):
+        vals = [v[key] for v in verdicts if v[key] is not None]
+        out[key] = float(np.mean(vals)) if vals else None
+    kinds = ["count" if s.is_count else "single" if len(s.shapes) == 1 else "pair" for s in scenes]
+    out["overall_by_prompt_kind"] = {k: float(np.mean([v["overall"] for v, kk in zip(verdicts, kinds) if kk == k]))
+                                     for k in sorted(set(kinds))}
+    return out
+
+
+def analyser_accuracy(split: str = "test") -> dict[str, Any]:
+    """The analyser's scores on the real images of a split (each checked against its own scene)."""
+    scenes, images = load_split(split)
+    return summarise(list(scenes), [check(s, im) for s, im in zip(scenes, images)])
+
+
+QUESTION_KINDS = {q.format(a=a, b=b): kind.split("_")[0] for kind, q in QUESTIONS.items()
+                  for a, b in (("left", "right"), ("top", "bottom"))}  # "what shape is on the right?" -> "shape"
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def _batches(items: list, size: int = BATCH):
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
+                    guidance_scale: float = 3.0, num_inference_steps: int | None = None, seed: int = 0,
+                    num_prompts: int = 120, num_qa_scenes: int | None = None, pipeline: MMARPipeline | None = None,
+                    **_) -> dict[str, Any]:
+    """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets the generated images.
+    ``num_prompts``: generated images (one per held-out caption); ``num_qa_scenes``: held-out scenes
+    whose questions are asked (default: all)."""
+    t0 = time.time()
+    pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    scenes, images = load_split("test")
+
+    # image -> text: every question of every held-out scene (greedy)
+    asked = [(i, q, a) for i, s in enumerate(scenes[:num_qa_scenes]) for q, a in questions(s)]
+    answers = []
+    for chunk in _batches(asked):
+        prompts = [[Message("user", [Image(images[i]), q])] for i, q, _ in chunk]
+        answers += pipe(prompts, mode="text", temperature=0.0, max_new_tokens=MAX_ANSWER_TOKENS).text
+    right: dict[str, list[bool]] = {}
+    for (_, q, a), got in zip(asked, answers):
+        right.setdefault(QUESTION_KINDS[q], []).append(normalise(got) == normalise(a))
+    qa = {k: float(np.mean(v)) for k, v in sorted(right.items())}
+
+    # text -> image: the captions of the first held-out scenes (CFG), checked by the analyser
+    prompts = list(scenes[:num_prompts])
+    generated = []
+    for k, chunk in enumerate(_batches(prompts)):
+        gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
+        out = pipe([t2i_prompt(s) for s in chunk], generator=gens, mode="image", max_items=1,
+                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+        generated += [imgs[0] for imgs in out.images]
+    t2i = summarise(prompts, [check(s, im) for s, im in zip(prompts, generated)])
+    metrics = {
+        "task": "shapes", "model": str(model_dir),
+        "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
+        "image_to_text_accuracy": float(np.mean([x for k, v in right.items() if k != "caption" for x in v])),
+        "caption_exact_match": qa.get("caption"), "image_to_text_by_question": qa,
+        "analyser_on_real_heldout": analyser_accuracy("test")["overall"],
+        "n_questions": len(asked), "n_generated": len(generated), "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"]["num_inference_steps"],
+        "seed": seed, "eval_seconds": round(time.time() - t0, 1),
+    }
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(metrics, f, indent=2)
+    grid = grid or (os.path.splitext(output)[0] + "_grid.png" if output else None)
+    if grid:
+        image_grid(generated, cols=GRID_COLS, scale=GRID_SCALE).save(grid)
+        metrics["grid"] = grid
+    return metrics
