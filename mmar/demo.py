@@ -25,6 +25,9 @@ from .sequence import Audio, Image, Message
 
 MAX_FILE_SIZE = "2mb"  # per upload
 MAX_UPLOADS = 4  # files per chat message
+MAX_HISTORY_MESSAGES = 32  # with memory on: earlier messages sent back to the model, at most ...
+MAX_HISTORY_FILES = 16  # ... holding at most this many files (and 32 prompts' worth of text)
+MAX_SEED = 2**32 - 1
 DISPLAY_SIZE = 160  # generated images are shown scaled up (nearest neighbour) to at least this many pixels
 NO_REPLY = "(no reply)"  # shown when the model stops at once; never sent back to it
 CSS = "#gen-gallery img, .message img { image-rendering: pixelated; }"
@@ -79,6 +82,22 @@ class _Handlers:
             raise gr.Error(f"The prompt is {len(text)} characters long; "
                            f"this demo takes at most {self.max_prompt_chars}.")
         return text
+
+    def _check_history(self, history: list[dict]) -> None:
+        """With memory on the earlier turns go to the model too: bound them as the new message is bounded."""
+        chars = files = 0
+        for msg in history:
+            content = msg.get("content")
+            for part in content if isinstance(content, list) else [content]:
+                if isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"):
+                    chars += len(part if isinstance(part, str) else part.get("text") or "")
+                elif part is not None:
+                    files += 1
+        max_chars = MAX_HISTORY_MESSAGES * self.max_prompt_chars
+        if len(history) > MAX_HISTORY_MESSAGES or chars > max_chars or files > MAX_HISTORY_FILES:
+            raise gr.Error(f"The conversation is too long to remember ({len(history)} messages, {chars} characters, "
+                           f"{files} files; this demo takes at most {MAX_HISTORY_MESSAGES}, {max_chars} and "
+                           f"{MAX_HISTORY_FILES}). Press Clear, or turn off 'remember earlier turns'.")
 
     def _image(self, path: str) -> PILImage.Image:
         try:
@@ -137,6 +156,8 @@ class _Handlers:
         if len(files) > MAX_UPLOADS:
             raise gr.Error(f"Attach at most {MAX_UPLOADS} files to one message.")
         uploads = [self._upload(f) for f in files]
+        if memory:
+            self._check_history(history)
         earlier = self._conversation(history) if memory else []
         conversation = earlier + [Message("user", [*uploads, *([text] if text else [])])]
         history += [{"role": "user", "content": self._show(item)} for item in uploads]
@@ -169,6 +190,8 @@ class _Handlers:
             raise gr.Error("Type a prompt first.")
         n = max(1, min(int(num_images), self.max_images))
         seed = int(seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise gr.Error(f"The seed must be between 0 and {MAX_SEED}, got {seed}.")
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         try:
             out = self.pipe([prompt] * n, mode="image", max_items=1, guidance_scale=guidance_scale,
@@ -190,7 +213,7 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
     head_steps = next((s["head"].get("num_inference_steps") for s in pipe.model.config.modalities.values()), 50)
     steps = int(defaults.num_inference_steps or head_steps or 50)
     limits = dict(max_new_tokens=max_new_tokens, prompt_characters=max_prompt_chars, images_per_request=max_images,
-                  upload_size=MAX_FILE_SIZE, queue_size=queue_size)
+                  upload_size=MAX_FILE_SIZE, queue_size=queue_size, remembered_messages=MAX_HISTORY_MESSAGES)
     with gr.Blocks(title=f"{title} demo") as demo:
         gr.Markdown(f"# {title}\nOne causal backbone reads and writes interleaved text and images: an LM head "
                     "predicts text, a diffusion head predicts each image token.")
@@ -225,7 +248,7 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
                     cfg = gr.Slider(1.0, 10.0, value=defaults.guidance_scale, step=0.5, label="guidance scale")
                     n_steps = gr.Slider(1, max_steps, value=min(steps, max_steps), step=1, label="inference steps")
                     with gr.Row():
-                        seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
+                        seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                         count = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="number of images")
                     button = gr.Button("Generate", variant="primary", elem_id="gen-button")
                     if prompt_examples:
