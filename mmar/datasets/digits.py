@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from ..sequence import Image, Message
@@ -77,7 +76,9 @@ class DigitsDataset(Dataset):
     kinds: tuple[str, ...] = ("t2i", "i2t", "pair")
     shift_prob: float = 0.0
     """Probability that an image shown to the model (image-to-text) is shifted by one pixel;
-    generation targets are never shifted. Draws use torch's global RNG (restored on resume)."""
+    generation targets are never shifted. The draw is a function of (seed, epoch, index), so a resumed
+    run sees the same shifts (set ``epoch`` at the start of each epoch)."""
+    epoch: int = 0
 
     def __post_init__(self):
         self.images, self.labels = load_digit_split(self.split)
@@ -96,10 +97,11 @@ class DigitsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def shifted(self, image: np.ndarray) -> np.ndarray:
-        if self.shift_prob <= 0 or float(torch.rand(())) >= self.shift_prob:
+    def shifted(self, image: np.ndarray, idx: int) -> np.ndarray:
+        rng = random.Random(f"mmar-shift-{self.seed}-{self.epoch}-{idx}")
+        if self.shift_prob <= 0 or rng.random() >= self.shift_prob:
             return image
-        dy, dx = (int(v) for v in torch.randint(-1, 2, (2,)))
+        dy, dx = rng.randint(-1, 1), rng.randint(-1, 1)
         out = np.zeros_like(image)
         h, w = image.shape
         out[max(dy, 0): h + min(dy, 0), max(dx, 0): w + min(dx, 0)] = \
@@ -119,7 +121,7 @@ class DigitsDataset(Dataset):
         if kind == "t2i":
             return [Message("user", t2i_prompt(int(self.labels[i]), v)), Message("assistant", [Image(self.images[i])])]
         if kind == "i2t":
-            return [Message("user", [Image(self.shifted(self.images[i])), i2t_prompt(v)]),
+            return [Message("user", [Image(self.shifted(self.images[i], idx)), i2t_prompt(v)]),
                     Message("assistant", str(int(self.labels[i])))]
         a, b = i
         return [Message("user", pair_prompt(int(self.labels[a]), int(self.labels[b]), v)),

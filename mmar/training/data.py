@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+import random
+
 from torch.utils.data import Dataset
 
 from ..sequence import MMARProcessor, as_messages
@@ -67,7 +68,8 @@ class BadSample(str):
 
 
 class SafeDataset(Dataset):
-    """Wraps a dataset so that a bad record becomes a :class:`BadSample` instead of an exception."""
+    """Wraps a dataset: items come as ``(index, sample)``, and a bad record becomes a :class:`BadSample`
+    instead of an exception."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -77,31 +79,42 @@ class SafeDataset(Dataset):
 
     def __getitem__(self, idx: int):
         try:
-            return self.dataset[idx]
+            return idx, self.dataset[idx]
         except (ValueError, TypeError, KeyError, OSError) as e:
-            return BadSample(str(e))
+            return idx, BadSample(str(e))
 
 
 class Collator:
     """Encode samples with the processor; with probability ``cond_dropout_prob`` a generation
     sample loses its prompt text, so classifier-free guidance has an unconditional branch.
-    The draws use torch's global RNG, which accelerate saves and restores with a checkpoint.
+    Each draw is a function of (seed, epoch, sample index) when items come as ``(index, sample)`` (see
+    :class:`SafeDataset`), never of a global RNG: data loaders prepare batches ahead, so a global draw
+    would be taken before a checkpoint for a batch trained after it, and a resumed run would differ.
 
     Bad samples (unreadable records, rejected images, reserved tokens in text) are skipped and
     counted in ``skipped``, with the first reasons in ``reasons``. With ``pack_length`` samples are
     packed into rows of that many tokens (:meth:`MMARProcessor.pack`) instead of padded."""
 
-    def __init__(self, processor: MMARProcessor, cond_dropout_prob: float = 0.0, pack_length: int = 0):
+    def __init__(self, processor: MMARProcessor, cond_dropout_prob: float = 0.0, pack_length: int = 0,
+                 seed: int = 0):
         self.processor, self.p, self.pack_length = processor, cond_dropout_prob, pack_length
+        self.seed, self.epoch, self._calls = seed, 0, 0
         self.skipped, self.reasons = 0, []
+
+    def _draw(self, index: int | None) -> float:
+        if index is None:  # plain samples: a stream of its own, still independent of the global RNG
+            self._calls += 1
+            index = -self._calls
+        return random.Random(f"mmar-dropout-{self.seed}-{self.epoch}-{index}").random()
 
     def __call__(self, samples: list) -> dict | None:
         enc = []
-        for s in samples:
+        for item in samples:
+            index, s = item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int) else (None, item)
             try:
                 if isinstance(s, BadSample):
                     raise ValueError(s)
-                drop = self.p > 0 and is_generation_sample(s) and float(torch.rand(())) < self.p
+                drop = self.p > 0 and is_generation_sample(s) and self._draw(index) < self.p
                 enc.append(self.processor.encode(s, drop_prompt=drop))
             except (ValueError, TypeError, OSError) as e:
                 self.skipped += 1

@@ -22,10 +22,14 @@ def losses(out: str) -> dict[int, float]:
 
 
 def kill_resume_trial(cmd: list[str], out: str, reference: dict[int, float], save_steps: int, max_steps: int,
-                      kill_after_s: float, env: dict, timeout: float = 300) -> dict:
-    """One trial. ``cmd`` is a full `mmar train` command line writing to ``out`` (logging every step)."""
+                      kill_at_step: int, env: dict, timeout: float = 300, extra_delay_s: float = 0.0) -> dict:
+    """One trial. ``cmd`` is a full `mmar train` command line writing to ``out`` (logging every step); the
+    process is killed ``extra_delay_s`` after step ``kill_at_step`` is logged (mid-step, mid-checkpoint...)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(kill_after_s)
+    deadline = time.time() + timeout
+    while proc.poll() is None and max(losses(out), default=0) < kill_at_step and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(extra_delay_s)
     killed_alive = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -39,7 +43,7 @@ def kill_resume_trial(cmd: list[str], out: str, reference: dict[int, float], sav
     after = losses(out)
     mismatched = [s for s in range(resumed_from + 1, max_steps + 1)
                   if s not in after or abs(after[s] - reference[s]) > 1e-4 * max(1.0, abs(reference[s]))]
-    return {"killed_while_running": killed_alive, "kill_after_s": round(kill_after_s, 2), "steps_logged": logged,
+    return {"killed_while_running": killed_alive, "kill_at_step": kill_at_step, "steps_logged": logged,
             "resumed_from": resumed_from, "lost_steps": max(0, logged - resumed_from),
             "resume_ok": res.returncode == 0, "final_step": max(after, default=0), "mismatched_steps": mismatched,
             "error": res.stderr[-500:] if res.returncode else ""}
@@ -56,14 +60,13 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     base = [sys.executable, "-m", "mmar.cli", "train", "--progress", "false", "--logging_steps", "1", *extra]
     ref_dir = os.path.join(args.workdir, "reference")
-    start = time.time()
     subprocess.run(base + ["--output_dir", ref_dir], env=env, check=True, capture_output=True)
-    duration, reference = time.time() - start, losses(ref_dir)
+    reference = losses(ref_dir)
     rng, results = random.Random(args.seed), []
     for t in range(args.trials):
         out = os.path.join(args.workdir, f"trial{t}")
         r = kill_resume_trial(base + ["--output_dir", out], out, reference, 0, max(reference),
-                              rng.uniform(0.2, 0.9) * duration, env)
+                              rng.randint(1, max(reference) - 1), env, extra_delay_s=rng.uniform(0, 0.3))
         results.append(r)
         print(json.dumps(r))
     ok = sum(r["resume_ok"] and not r["mismatched_steps"] for r in results)

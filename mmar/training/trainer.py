@@ -141,7 +141,8 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     model, processor = build_everything(margs, dataset)
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
-    collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0)
+    collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0,
+                        seed=targs.seed)
     loader = DataLoader(SafeDataset(dataset), batch_size=targs.batch_size, shuffle=True, drop_last=True,
                         collate_fn=collator, num_workers=dargs.num_workers,
                         generator=torch.Generator().manual_seed(targs.seed))
@@ -178,6 +179,9 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     while step < targs.max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+        collator.epoch = epoch  # per-sample randomness is a function of (seed, epoch, index)
+        if hasattr(dataset, "epoch"):
+            dataset.epoch = epoch
         batches = acc.skip_first_batches(loader, done_in_epoch * targs.gradient_accumulation_steps) \
             if done_in_epoch else loader
         for batch in batches:

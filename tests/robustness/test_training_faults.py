@@ -92,11 +92,13 @@ def uninterrupted(tmp_path_factory, tiny_dir, chat_jsonl):
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, tiny_dir, chat_jsonl, uninterrupted, trial):
     """Killed anywhere (mid-step, mid-checkpoint), training resumes from an intact checkpoint, loses at
     most one save interval, and continues with exactly the losses of an uninterrupted run."""
-    reference, duration = uninterrupted
+    reference, _ = uninterrupted
     out = tmp_path / "killed"
-    kill_at = random.Random(trial).uniform(0.35, 0.95) * duration
+    rng = random.Random(trial)
+    kill_at = [6, 9, 14][trial]  # mid-epoch (5 batches an epoch), between checkpoints (every 4 steps)
     r = kill_resume_trial(_kill_cmd(tiny_dir, chat_jsonl) + ["--output_dir", str(out)], str(out), reference, 4, 24,
-                          kill_at, {**os.environ, "OMP_NUM_THREADS": "1"})
+                          kill_at, {**os.environ, "OMP_NUM_THREADS": "1"}, extra_delay_s=rng.uniform(0, 0.2))
+    assert 0 < r["resumed_from"] < 24 and r["resumed_from"] % 5, r  # really resumed mid-epoch
     assert r["resume_ok"], r["error"]
     assert r["final_step"] == 24 and r["mismatched_steps"] == [], r
     assert r["lost_steps"] <= 4 + 1, r  # at most one save interval (+ the step in flight)
