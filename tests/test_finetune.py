@@ -167,9 +167,10 @@ def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
     res = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(_losses(one)) == sorted(_losses(two)) == list(range(1, 11))
-    # Same data in the same global batches. What differs: the diffusion noise and condition-dropout
-    # draws (each process has its own RNG stream) and the text loss being averaged per process.
-    for key, mean_tol, max_tol in (("text_loss", 0.05, 0.12), ("loss", 0.10, 0.20)):
+    # Same data in the same global batches, the same condition dropout (a function of the sample index).
+    # What differs: the diffusion noise (each process has its own RNG stream; with 8 samples a step one
+    # step's image loss can move by a fifth) and the text loss being averaged per process.
+    for key, mean_tol, max_tol in (("text_loss", 0.05, 0.12), ("loss", 0.10, 0.30)):
         a, b = _losses(one, key), _losses(two, key)
         diffs = [abs(a[s] - b[s]) / a[s] for s in a]
         assert np.mean(diffs) < mean_tol and max(diffs) < max_tol, (key, diffs)
