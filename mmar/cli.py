@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="evaluate a model on a built-in task", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--task", default="digits", choices=["digits"])
+    from .eval import TASKS
+
+    p.add_argument("--task", default="digits", choices=list(TASKS))
     p.add_argument("--output", help="write the metrics here as JSON")
     p.add_argument("--grid", help="write the generated images here as a PNG grid (default: next to --output)")
     p.add_argument("--guidance_scale", type=float, default=3.0)
