@@ -260,4 +260,5 @@ def test_classifier_and_evaluator_on_real_clips(small_split, tmp_path):
     assert json.loads(out.read_text())["n_generated"] == 10 == m["n_generated"]
     assert 0 <= m["audio_to_text_accuracy"] <= 1 and 0 <= m["text_to_audio_accuracy"] <= 1
     assert m["classifier_heldout_accuracy"] >= 0.9 and m["classifier_round_trip_accuracy"] >= 0.8
-    assert (tmp_path / "m" / "metrics_grid.png").is_file() and len(list((tmp_path / "m" / "metrics_audio").iterdir())) == 10
+    assert (tmp_path / "m" / "metrics_grid.png").is_file()
+    assert len(list((tmp_path / "m" / "metrics_audio").iterdir())) == 10

@@ -1,12 +1,13 @@
 """The procedural shapes dataset, its image analyser (GenEval-like) and evaluator."""
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from mmar.datasets.shapes import (COLOURS, IMAGE_SIZE, SHAPES, Scene, Shape, ShapesDataset, all_texts, caption, draw,
+from mmar.datasets.shapes import (COLOURS, IMAGE_SIZE, SHAPES, Scene, Shape, ShapesDataset, all_texts, caption,
                                   load_split, questions, t2i_prompt)
 from mmar.eval.shapes import QUESTION_KINDS, analyser_accuracy, check, detect
 from mmar.sequence import Image
@@ -25,10 +26,11 @@ def test_splits_are_fixed_and_disjoint():
     again_scenes, again_images = load_split("train")
     assert again_scenes == scenes and np.array_equal(again_images, images)  # rebuilt identically
     assert not {x.tobytes() for x in images} & {x.tobytes() for x in test_images}
-    kinds = {"single": 0, "pair": 0, "count": 0}
-    for s in scenes:
-        kinds["count" if s.is_count else "single" if len(s.shapes) == 1 else "pair"] += 1
-    assert min(kinds.values()) > 400  # every kind of scene is well represented
+    assert len({x.tobytes() for x in test_images}) == 400  # held-out images are all different
+    for split, least in ((scenes, 400), (test_scenes, 40)):  # every kind of scene is well represented
+        kinds = Counter("count" if s.is_count else "single" if len(s.shapes) == 1 else "pair" for s in split)
+        assert set(kinds) == {"single", "pair", "count"} and min(kinds.values()) > least, kinds
+    assert {caption(s) for s in test_scenes} <= {caption(s) for s in scenes}  # unseen images, known captions
     with pytest.raises(ValueError, match="split must be one of"):
         load_split("valid")
 

@@ -4,7 +4,9 @@ A scene holds one shape (a colour, a kind and a place: left / right / top / bott
 side by side or one above the other; two shapes of the same colour and kind are a counting scene
 ("two red circles"). Shapes are drawn without anti-aliasing on a black ``IMAGE_SIZE`` square.
 
-Samples, from a fixed train / held-out split (the held-out scenes have pixels no training scene has):
+Samples, from a fixed train / held-out split: an image belongs to the held-out split when a hash of its
+pixels says so (one in ``HELD_OUT_EVERY``), so no held-out image is ever seen in training, while every
+kind of scene and every caption occurs in both splits. The held-out images are all different.
 
 * text-to-image: "draw a red circle on the left" -> image
 * image-to-text: image + a question ("what colour is the shape?", "how many shapes are there?",
@@ -14,6 +16,7 @@ Samples, from a fixed train / held-out split (the held-out scenes have pixels no
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -31,9 +34,11 @@ PLACES = ("left", "right", "top", "bottom")
 PLACE_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 SIZES = (0.375, 0.4375)  # shape width / height as a share of the image side (6 and 7 pixels at 16)
 JITTER = 1  # across its place's axis a shape moves up to this many pixels from the middle
+SINGLE_INSET = 2  # a shape alone sits up to this many pixels away from its edge
 COUNT_WORDS = ("zero", "one", "two", "three")
 SPLIT_SIZES = {"train": 4000, "test": 400}
 SPLIT_SEEDS = {"train": 1234, "test": 5678}
+HELD_OUT_EVERY = 10  # an image is held out when the CRC-32 of its pixels is a multiple of this
 LAYOUT_WEIGHTS = {"single": 0.4, "pair": 0.45, "count": 0.15}
 
 T2I_PROMPTS = ("draw {c}", "{c}", "an image of {c}", "show me {c}")
@@ -110,12 +115,13 @@ def draw(scene: Scene, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def random_shape(rng: random.Random, place: str, image_size: int,
-                 kind: str | None = None, colour: str | None = None) -> Shape:
-    """A shape against the ``place`` edge, centred across it give or take ``JITTER`` pixels (so two
-    shapes on opposite edges never touch)."""
+def random_shape(rng: random.Random, place: str, image_size: int, kind: str | None = None,
+                 colour: str | None = None, inset: int = 0) -> Shape:
+    """A shape up to ``inset`` pixels from the ``place`` edge, centred across it give or take ``JITTER``
+    pixels (two shapes against opposite edges never touch)."""
     size = round(rng.choice(SIZES) * image_size)
-    along = 0 if place in ("left", "top") else image_size - size
+    gap = rng.randint(0, inset)
+    along = gap if place in ("left", "top") else image_size - size - gap
     across = (image_size - size) // 2 + rng.randint(-JITTER, JITTER)
     x0, y0 = (along, across) if place in ("left", "right") else (across, along)
     return Shape(kind or rng.choice(SHAPES), colour or rng.choice(list(COLOURS)), x0, y0, size)
@@ -125,7 +131,7 @@ def random_scene(rng: random.Random, image_size: int = IMAGE_SIZE) -> Scene:
     layout = rng.choices(list(LAYOUT_WEIGHTS), weights=list(LAYOUT_WEIGHTS.values()))[0]
     if layout == "single":
         place = rng.choice(PLACES)
-        return Scene((random_shape(rng, place, image_size),), place)
+        return Scene((random_shape(rng, place, image_size, inset=SINGLE_INSET),), place)
     pair = rng.choice(("horizontal", "vertical"))
     places = ("left", "right") if pair == "horizontal" else ("top", "bottom")
     a = random_shape(rng, places[0], image_size)
@@ -139,25 +145,26 @@ def random_scene(rng: random.Random, image_size: int = IMAGE_SIZE) -> Scene:
     return Scene((a, b), pair)
 
 
+def split_of(image: np.ndarray) -> str:
+    """``"test"`` for the held-out share of all possible images, ``"train"`` for the rest."""
+    return "test" if zlib.crc32(np.ascontiguousarray(image).tobytes()) % HELD_OUT_EVERY == 0 else "train"
+
+
 @lru_cache(maxsize=4)
 def load_split(split: str, image_size: int = IMAGE_SIZE) -> tuple[tuple[Scene, ...], np.ndarray]:
-    """The fixed scenes of a split and their images ``[n, H, W, 3]``; held-out pixels never occur in train."""
+    """The fixed scenes of a split and their images ``[n, H, W, 3]``: random scenes whose image belongs
+    to the split (training images may repeat; held-out images are all different)."""
     if split not in SPLIT_SIZES:
         raise ValueError(f"split must be one of {sorted(SPLIT_SIZES)}, got {split!r}")
     rng = random.Random(SPLIT_SEEDS[split])
-    seen = set()
-    if split != "train":
-        seen = {img.tobytes() for img in load_split("train", image_size)[1]}
-    scenes, images = [], []
+    scenes, images, seen = [], [], set()
     while len(scenes) < SPLIT_SIZES[split]:
         scene = random_scene(rng, image_size)
         img = draw(scene, image_size)
-        if img.tobytes() in seen:
-            continue
-        if split != "train":
+        if split_of(img) == split and not (split == "test" and img.tobytes() in seen):
             seen.add(img.tobytes())
-        scenes.append(scene)
-        images.append(img)
+            scenes.append(scene)
+            images.append(img)
     return tuple(scenes), np.stack(images)
 
 

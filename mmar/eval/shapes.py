@@ -3,7 +3,7 @@
 Generated images are read by classical image analysis, no learned model: pixels brighter than the
 background are assigned to the nearest palette colour, each colour's connected components (scipy)
 are objects, an object's kind comes from its bounding box (fill ratio; a triangle is much wider at
-the bottom than at the top), its place from its centroid. Each prompt is checked for count,
+the bottom than at the top), its place from the centre of its box. Each prompt is checked for count,
 colours, shapes and positions; ``overall`` is the share of images that pass every check (GenEval's
 rule). :func:`analyser_accuracy` validates the analyser on the real held-out images.
 
@@ -45,7 +45,7 @@ GRID_SCALE = 4
 class Detection:
     colour: str
     kind: str
-    cx: float
+    cx: float  # centre of the bounding box, in pixels
     cy: float
     area: int
 
@@ -74,9 +74,9 @@ def detect(image: Any) -> list[Detection]:
             mask = ndimage.binary_fill_holes(labels[box] == k)
             if mask.sum() < MIN_AREA:
                 continue
-            ys, xs = np.nonzero(mask)
-            found.append(Detection(name, shape_kind(mask), float(xs.mean() + box[1].start),
-                                   float(ys.mean() + box[0].start), int(mask.sum())))
+            h, w = mask.shape  # place by the box centre: a triangle's mass sits low in its box
+            found.append(Detection(name, shape_kind(mask), box[1].start + (w - 1) / 2, box[0].start + (h - 1) / 2,
+                                   int(mask.sum())))
     return sorted(found, key=lambda d: -d.area)
 
 
@@ -143,11 +143,12 @@ def _batches(items: list, size: int = BATCH):
 
 def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
                     guidance_scale: float = 3.0, num_inference_steps: int | None = None, seed: int = 0,
-                    num_prompts: int = 120, num_qa_scenes: int | None = None, pipeline: MMARPipeline | None = None,
-                    **_) -> dict[str, Any]:
+                    image_temperature: float | None = None, num_prompts: int = 120, num_qa_scenes: int | None = None,
+                    pipeline: MMARPipeline | None = None, **_) -> dict[str, Any]:
     """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets the generated images.
     ``num_prompts``: generated images (one per held-out caption); ``num_qa_scenes``: held-out scenes
-    whose questions are asked (default: all)."""
+    whose questions are asked (default: all); ``image_temperature``: the diffusion head's sampling
+    temperature (default: the model's generation config)."""
     t0 = time.time()
     pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -170,9 +171,11 @@ def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None 
     for k, chunk in enumerate(_batches(prompts)):
         gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
         out = pipe([t2i_prompt(s) for s in chunk], generator=gens, mode="image", max_items=1,
-                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                   image_temperature=image_temperature)
         generated += [imgs[0] for imgs in out.images]
     t2i = summarise(prompts, [check(s, im) for s, im in zip(prompts, generated)])
+    head = pipe.model.config.modalities["image"]["head"]
     metrics = {
         "task": "shapes", "model": str(model_dir),
         "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
@@ -180,7 +183,8 @@ def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None 
         "caption_exact_match": qa.get("caption"), "image_to_text_by_question": qa,
         "analyser_on_real_heldout": analyser_accuracy("test")["overall"],
         "n_questions": len(asked), "n_generated": len(generated), "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"]["num_inference_steps"],
+        "num_inference_steps": num_inference_steps or head["num_inference_steps"],
+        "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }
     if output:

@@ -75,11 +75,13 @@ def _batches(items: list, size: int = BATCH):
 
 def evaluate_spoken_digits(model_dir: str, output: str | None = None, grid: str | None = None,
                            guidance_scale: float = 3.0, num_inference_steps: int | None = None, seed: int = 0,
-                           per_digit: int = 10, pipeline: MMARPipeline | None = None,
-                           cache_dir: str = DEFAULT_CACHE, audio_dir: str | None = None, **_) -> dict[str, Any]:
+                           image_temperature: float | None = None, per_digit: int = 10,
+                           pipeline: MMARPipeline | None = None, cache_dir: str = DEFAULT_CACHE,
+                           audio_dir: str | None = None, **_) -> dict[str, Any]:
     """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets a PNG of the generated
     clips' spectrograms (one row per digit) and ``audio_dir`` the generated clips as WAV files
-    (both default to files next to ``output``)."""
+    (both default to files next to ``output``). ``image_temperature`` is the diffusion head's sampling
+    temperature (the pipeline's name for it, used for audio latents too; default: the model's)."""
     t0 = time.time()
     pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -106,17 +108,20 @@ def evaluate_spoken_digits(model_dir: str, output: str | None = None, grid: str 
     for k, chunk in enumerate(_batches(digits)):
         gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
         out = pipe([t2a_prompt(d, i) for i, d in enumerate(chunk)], generator=gens, mode="audio", max_items=1,
-                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps)
+                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                   image_temperature=image_temperature)
         clips += [row[0] for row in out.audios]
     pred = clf.predict(clips)
     target = np.array(digits)
+    head = pipe.model.config.modalities["audio"]["head"]
     metrics = {
         "task": "spoken-digits", "model": str(model_dir),
         "audio_to_text_accuracy": a2t, "text_to_audio_accuracy": float(np.mean(pred == target)),
         "text_to_audio_per_digit": {str(d): float(np.mean(pred[target == d] == d)) for d in range(10)},
         "classifier_heldout_accuracy": clf_real, "classifier_round_trip_accuracy": clf_round_trip,
         "n_heldout": int(len(labels)), "n_generated": len(clips), "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["audio"]["head"]["num_inference_steps"],
+        "num_inference_steps": num_inference_steps or head["num_inference_steps"],
+        "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }
     stem = os.path.splitext(output)[0] if output else None

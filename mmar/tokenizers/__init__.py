@@ -8,6 +8,6 @@ from .image_vae import ImageVAETokenizer
 from .image_vq import ImageVQTokenizer
 from .text import add_modality_tokens, modality_token_ids, modality_tokens, train_bpe_tokenizer
 
-__all__ = ["ModalityTokenizer", "ImageCLIPTokenizer", "AudioMelTokenizer", "ImagePatchTokenizer", "ImageVAETokenizer", "ImageVQTokenizer", "available_tokenizers",
-           "build_tokenizer", "register_tokenizer", "add_modality_tokens", "modality_token_ids", "modality_tokens",
-           "train_bpe_tokenizer"]
+__all__ = ["ModalityTokenizer", "ImageCLIPTokenizer", "AudioMelTokenizer", "ImagePatchTokenizer", "ImageVAETokenizer",
+           "ImageVQTokenizer", "available_tokenizers", "build_tokenizer", "register_tokenizer", "add_modality_tokens",
+           "modality_token_ids", "modality_tokens", "train_bpe_tokenizer"]

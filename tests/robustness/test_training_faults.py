@@ -73,7 +73,7 @@ def test_pickled_weights_are_refused(tmp_path, tiny):
 def _kill_cmd(tiny_dir, chat_jsonl):
     return [sys.executable, "-m", "mmar.cli", "train", "--init_from", str(tiny_dir), "--dataset", "jsonl",
             "--data_files", str(chat_jsonl), "--max_steps", "24", "--batch_size", "8", "--logging_steps", "1",
-            "--save_steps", "4", "--save_total_limit", "2", "--warmup_steps", "2", "--progress", "false"]
+            "--save_steps", "7", "--save_total_limit", "2", "--warmup_steps", "2", "--progress", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +95,12 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, tiny_dir, chat_jsonl, 
     reference, _ = uninterrupted
     out = tmp_path / "killed"
     rng = random.Random(trial)
-    kill_at = [6, 9, 14][trial]  # mid-epoch (5 batches an epoch), between checkpoints (every 4 steps)
-    r = kill_resume_trial(_kill_cmd(tiny_dir, chat_jsonl) + ["--output_dir", str(out)], str(out), reference, 4, 24,
+    # 5 batches an epoch and a checkpoint every 7 steps (7, 14, 21): every checkpoint is mid-epoch, so the
+    # resume is mid-epoch however late the kill lands on a fast or a busy machine.
+    kill_at = [8, 11, 15][trial]
+    r = kill_resume_trial(_kill_cmd(tiny_dir, chat_jsonl) + ["--output_dir", str(out)], str(out), reference, 7, 24,
                           kill_at, {**os.environ, "OMP_NUM_THREADS": "1"}, extra_delay_s=rng.uniform(0, 0.2))
     assert 0 < r["resumed_from"] < 24 and r["resumed_from"] % 5, r  # really resumed mid-epoch
     assert r["resume_ok"], r["error"]
     assert r["final_step"] == 24 and r["mismatched_steps"] == [], r
-    assert r["lost_steps"] <= 4 + 1, r  # at most one save interval (+ the step in flight)
+    assert r["lost_steps"] <= 7 + 1, r  # at most one save interval (+ the step in flight)
