@@ -100,7 +100,7 @@ def cmd_train_tokenizer(ns: argparse.Namespace) -> int:
     if ns.output_dir:
         config["output_dir"] = ns.output_dir
     report = train_tokenizer(config)
-    print(json.dumps({k: v for k, v in report.items() if k != "fit_mse_history"}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "fit_history"}, indent=2))
     return 0
 
 

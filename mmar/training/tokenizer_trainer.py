@@ -1,5 +1,14 @@
-"""``mmar train-tokenizer``: learn a tokenizer's weights (the ``image-vq`` codebook) on a built-in dataset,
-save it where a model config can point (``tokenizer: {path: DIR}``), and report its reconstruction error."""
+"""``mmar train-tokenizer``: learn a tokenizer's weights (the ``image-vq`` codebook, a small ``image-vae``,
+an ``audio-codec``) on a built-in dataset, save it where a model config can point
+(``tokenizer: {path: DIR}``), and report its reconstruction error on the training and held-out splits.
+
+A trainable tokenizer implements two methods:
+
+* ``fit(items, steps=..., batch_size=..., seed=..., **options) -> list[float]``: learn from preprocessed
+  items ``[n, ...]``; returns a loss / error history (plotted to ``fit_curve.png``);
+* ``reconstruct(items) -> items``: encode then decode, in the preprocessed space; the error is measured
+  against the input (MSE and PSNR over the tokenizer's value range, see :func:`reconstruction`).
+"""
 
 from __future__ import annotations
 
@@ -12,24 +21,69 @@ import torch
 
 from ..tokenizers import build_tokenizer
 
-DEFAULTS = {"output_dir": "runs/tokenizer", "dataset": "digits", "steps": 300, "batch_size": 512, "seed": 0}
+DEFAULTS = {"output_dir": "runs/tokenizer", "dataset": "digits", "steps": 300, "batch_size": 512, "seed": 0,
+            "fit": {}}
+DATASETS = ("digits", "shapes", "spoken-digits")
 
 
-def dataset_pixels(name: str, split: str, tok) -> torch.Tensor:
+def raw_items(name: str, split: str) -> list:
+    """The raw items (images as arrays, waveforms with their rate) of a built-in dataset's split."""
     if name == "digits":
         from ..datasets.digits import load_digit_split
 
-        images, _ = load_digit_split(split)
-    else:
-        raise ValueError(f"train-tokenizer: no image set for dataset {name!r} (built in: digits)")
-    return torch.stack([tok.preprocess(np.asarray(im)) for im in images])
+        return list(load_digit_split(split)[0])
+    if name == "shapes":
+        from ..datasets.shapes import load_split
+
+        return list(load_split(split)[1])
+    if name == "spoken-digits":
+        from ..datasets.spoken_digits import SAMPLING_RATE, load_split
+
+        return [(w, SAMPLING_RATE) for w in load_split(split)[0]]
+    raise ValueError(f"train-tokenizer: unknown dataset {name!r} (built in: {', '.join(DATASETS)})")
 
 
-def reconstruction(tok, pixels: torch.Tensor) -> dict[str, float]:
+def dataset_items(name: str, split: str, tok) -> torch.Tensor:
+    """A split preprocessed by ``tok``: ``[n, ...]``."""
+    items = raw_items(name, split)
+    if tok.modality == "audio" and not isinstance(items[0], tuple) or tok.modality == "image" and isinstance(items[0], tuple):
+        raise ValueError(f"train-tokenizer: dataset {name!r} has no {tok.modality} for tokenizer {tok.name!r}")
+    return torch.stack([tok.preprocess(np.asarray(x) if not isinstance(x, tuple) else x) for x in items])
+
+
+def reconstruct(tok, items: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    if hasattr(tok, "reconstruct"):
+        fn = tok.reconstruct
+    else:  # image tokenizers: pixels in [0, 1] through decode_pixels
+        def fn(x):
+            return tok.decode_pixels(tok.encode(x)).clamp(0, 1)
     with torch.no_grad():
-        recon = tok.decode_pixels(tok.encode(pixels)).clamp(0, 1)
-    mse = float((recon - pixels).pow(2).mean())
-    return {"mse": mse, "psnr_db": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
+        return torch.cat([fn(items[i:i + batch_size]) for i in range(0, len(items), batch_size)])
+
+
+def reconstruction(tok, items: torch.Tensor) -> dict[str, float]:
+    """MSE and PSNR (peak = the inputs' value range: 1 for pixels in [0, 1], 2 for audio in [-1, 1])."""
+    recon = reconstruct(tok, items)
+    mse = float((recon - items).pow(2).mean())
+    peak = float(getattr(tok, "value_range", 1.0))
+    return {"mse": mse, "psnr_db": float(10 * np.log10(peak ** 2 / max(mse, 1e-12)))}
+
+
+def plot_fit_curve(history: list[float], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(history)
+    ax.set_yscale("log")
+    ax.set_xlabel("logged step")
+    ax.set_ylabel("fit loss")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def train_tokenizer(config: dict) -> dict:
@@ -45,12 +99,14 @@ def train_tokenizer(config: dict) -> dict:
     if not hasattr(tok, "fit"):
         raise ValueError(f"tokenizer {tok.name!r} has nothing to train")
     start = time.time()
-    train = dataset_pixels(cfg["dataset"], "train", tok)
-    history = tok.fit(train, steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"])
+    train = dataset_items(cfg["dataset"], "train", tok)
+    history = tok.fit(train, steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], **cfg["fit"])
     tok.save_pretrained(cfg["output_dir"])
-    report = {"tokenizer": tok.name, "train": reconstruction(tok, train),
-              "heldout": reconstruction(tok, dataset_pixels(cfg["dataset"], "test", tok)),
-              "fit_mse_history": history, "seconds": round(time.time() - start, 1)}
+    report = {"tokenizer": tok.name, "dataset": cfg["dataset"], "train": reconstruction(tok, train),
+              "heldout": reconstruction(tok, dataset_items(cfg["dataset"], "test", tok)),
+              "fit_history": history, "seconds": round(time.time() - start, 1)}
     with open(os.path.join(cfg["output_dir"], "reconstruction.json"), "w") as f:
         json.dump(report, f, indent=2)
+    if history:
+        plot_fit_curve(history, os.path.join(cfg["output_dir"], "fit_curve.png"), f"{tok.name} on {cfg['dataset']}")
     return report
