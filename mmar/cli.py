@@ -57,8 +57,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .eval import evaluate
 
+    sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts") if getattr(ns, k) is not None}
     metrics = evaluate(ns.task, ns.model, output=ns.output, grid=ns.grid, guidance_scale=ns.guidance_scale,
-                       num_inference_steps=ns.num_inference_steps, seed=ns.seed, per_digit=ns.per_digit)
+                       image_temperature=ns.image_temperature, num_inference_steps=ns.num_inference_steps,
+                       seed=ns.seed, **sizes)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -195,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="digits", choices=list(TASKS))
     p.add_argument("--output", help="write the metrics here as JSON")
     p.add_argument("--grid", help="write the generated images here as a PNG grid (default: next to --output)")
-    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the model's setting)")
+    p.add_argument("--image_temperature", type=float, default=None,
+                   help="the diffusion head's sampling temperature (default: the model's setting)")
     p.add_argument("--num_inference_steps", type=int, default=None)
-    p.add_argument("--per_digit", type=int, default=10, help="generated images per digit")
+    p.add_argument("--per_digit", type=int, default=None,
+                   help="digits, spoken-digits: generated items per digit (default 10)")
+    p.add_argument("--num_prompts", type=int, default=None, help="shapes: generated images (default 120)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 

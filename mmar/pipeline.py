@@ -46,10 +46,15 @@ class GenerationDefaults:
     max_items: int = 4
 
     @classmethod
-    def for_model(cls, config) -> GenerationDefaults:
-        """Neutral defaults, with CFG on when the model learned an unconditional branch."""
+    def for_model(cls, config, **overrides) -> GenerationDefaults:
+        """Neutral defaults, with CFG on when the model learned an unconditional branch; ``overrides``
+        (e.g. a training config's ``generation`` section) replace them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
         cfg_ok = getattr(config, "cond_dropout_prob", 0.0) > 0 and bool(getattr(config, "modalities", None))
-        return cls(guidance_scale=DEFAULT_GUIDANCE if cfg_ok else 1.0)
+        return dataclasses.replace(cls(guidance_scale=DEFAULT_GUIDANCE if cfg_ok else 1.0), **overrides)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,

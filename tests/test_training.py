@@ -27,7 +27,8 @@ def _losses(run_dir):
 
 
 def test_cli_train_learns_and_saves_a_loadable_model(tmp_path):
-    assert main(["train", "--config", _tiny_config(tmp_path), "--max_steps", "40"]) == 0
+    cfg = _tiny_config(tmp_path, generation={"guidance_scale": 2.0, "image_temperature": 0.7})
+    assert main(["train", "--config", cfg, "--max_steps", "40"]) == 0
     run = tmp_path / "run"
     rows = _losses(run)
     assert rows[-1]["step"] == 40
@@ -39,6 +40,14 @@ def test_cli_train_learns_and_saves_a_loadable_model(tmp_path):
     assert (run / "samples" / "final.png").exists()
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["step_20", "step_30"]  # save_total_limit keeps the newest two
+    saved = json.loads((run / "generation_config.json").read_text())  # the config's sampling defaults travel
+    assert saved["guidance_scale"] == 2.0 and saved["image_temperature"] == 0.7
+
+
+def test_a_typo_in_generation_defaults_fails_before_training(tmp_path, capsys):
+    assert main(["train", "--config", _tiny_config(tmp_path, generation={"guidance": 2.0})]) == 2
+    assert "unknown generation setting(s) ['guidance']" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
 def test_resume_continues_the_same_losses(tmp_path):

@@ -84,11 +84,16 @@ def _batches(items: list, size: int = BATCH):
 
 
 def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None = None,
-                    guidance_scale: float = 3.0, num_inference_steps: int | None = None, seed: int = 0,
-                    per_digit: int = 10, pairs: int = 50, pipeline: MMARPipeline | None = None) -> dict[str, Any]:
+                    guidance_scale: float | None = None, num_inference_steps: int | None = None, seed: int = 0,
+                    image_temperature: float | None = None, per_digit: int = 10, pairs: int = 50,
+                    pipeline: MMARPipeline | None = None, **_) -> dict[str, Any]:
+    """Metrics as a dict (also written to ``output`` as JSON). ``guidance_scale`` / ``image_temperature``
+    default to the model's generation config."""
     t0 = time.time()
     pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    if guidance_scale is None:  # the model's own setting (generation_config.json)
+        guidance_scale = pipe.generation_config.guidance_scale
     clf, clf_acc = fit_classifier(seed)
     xte, yte = load_digit_split("test")
     rng = np.random.default_rng(seed)
@@ -103,7 +108,8 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
     # text -> image (CFG)
     digits = [d for d in range(10) for _ in range(per_digit)]
     images = []
-    gen_kw = dict(mode="image", guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, max_items=1)
+    gen_kw = dict(mode="image", guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, max_items=1,
+                  image_temperature=image_temperature)
     for k, chunk in enumerate(_batches(digits)):
         gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
         out = pipe([t2i_prompt(d, i) for i, d in enumerate(chunk)], generator=gens, **gen_kw)
@@ -122,6 +128,7 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
         gens = [torch.Generator().manual_seed(seed * 7919 + k * BATCH + i) for i in range(len(chunk))]
         out = pipe([pair_prompt(a, b, i) for i, (a, b) in enumerate(chunk)], generator=gens, mode="auto",
                    guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, max_items=2,
+                   image_temperature=image_temperature,
                    max_new_tokens=4)
         for (a, b), imgs in zip(chunk, out.images):
             complete += len(imgs) == 2
@@ -135,6 +142,7 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
         "n_heldout": int(len(yte)), "n_generated": len(images), "guidance_scale": guidance_scale,
         "head": pipe.model.config.modalities["image"]["head"]["name"],
         "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"].get("num_inference_steps"),
+        "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }
     if output:

@@ -142,7 +142,7 @@ def _batches(items: list, size: int = BATCH):
 
 
 def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
-                    guidance_scale: float = 3.0, num_inference_steps: int | None = None, seed: int = 0,
+                    guidance_scale: float | None = None, num_inference_steps: int | None = None, seed: int = 0,
                     image_temperature: float | None = None, num_prompts: int = 120, num_qa_scenes: int | None = None,
                     pipeline: MMARPipeline | None = None, **_) -> dict[str, Any]:
     """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets the generated images.
@@ -152,6 +152,8 @@ def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None 
     t0 = time.time()
     pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    if guidance_scale is None:  # the model's own setting (generation_config.json)
+        guidance_scale = pipe.generation_config.guidance_scale
     scenes, images = load_split("test")
 
     # image -> text: every question of every held-out scene (greedy)

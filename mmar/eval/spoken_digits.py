@@ -74,7 +74,7 @@ def _batches(items: list, size: int = BATCH):
 
 
 def evaluate_spoken_digits(model_dir: str, output: str | None = None, grid: str | None = None,
-                           guidance_scale: float = 3.0, num_inference_steps: int | None = None, seed: int = 0,
+                           guidance_scale: float | None = None, num_inference_steps: int | None = None, seed: int = 0,
                            image_temperature: float | None = None, per_digit: int = 10,
                            pipeline: MMARPipeline | None = None, cache_dir: str = DEFAULT_CACHE,
                            audio_dir: str | None = None, **_) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def evaluate_spoken_digits(model_dir: str, output: str | None = None, grid: str 
     t0 = time.time()
     pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    if guidance_scale is None:  # the model's own setting (generation_config.json)
+        guidance_scale = pipe.generation_config.guidance_scale
     tokenizer = pipe.processor.modality_tokenizers.get("audio")
     if tokenizer is None:
         raise ValueError(f"{model_dir}: this model has no audio tokenizer; spoken-digits needs one")

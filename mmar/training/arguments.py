@@ -47,7 +47,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = "digits"
-    """``digits`` (built in) or ``jsonl`` (your chat records, see mmar/training/jsonl.py)."""
+    """Built in: ``digits``, ``shapes``, ``spoken-digits`` (needs espeak-ng); or ``jsonl`` (your chat
+    records, see mmar/training/jsonl.py)."""
     data_files: str | None = None
     """For ``jsonl``: a .jsonl / .json / .parquet file; media paths are relative to it."""
     packing: bool = False
@@ -89,6 +90,9 @@ class TrainingArguments:
     progress: bool = True
     log_with: str | None = None
     """An accelerate tracker, e.g. ``tensorboard`` (needs the package)."""
+    generation: dict = field(default_factory=dict)
+    """Sampling defaults saved with the model (``generation_config.json``), used by the pipeline, chat, demo
+    and ``mmar eval`` when an argument is left out, e.g. ``{guidance_scale: 2.0, image_temperature: 0.7}``."""
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments)

@@ -129,6 +129,9 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     """Train and return the directory of the final model (loadable by ``MMARModel.from_pretrained``)."""
     if targs.num_threads:
         torch.set_num_threads(targs.num_threads)
+    from ..pipeline import GenerationDefaults
+
+    GenerationDefaults.for_model(None, **targs.generation)  # a typo in `generation` fails now, not after training
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
                       mixed_precision=targs.mixed_precision, project_dir=targs.output_dir,
                       log_with=targs.log_with,
@@ -247,9 +250,7 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         final = acc.unwrap_model(model) if ema is None else ema.module
         final.save_pretrained(targs.output_dir)
         processor.save_pretrained(targs.output_dir)
-        from ..pipeline import GenerationDefaults
-
-        GenerationDefaults.for_model(final.config).save_pretrained(targs.output_dir)
+        GenerationDefaults.for_model(final.config, **targs.generation).save_pretrained(targs.output_dir)
         plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
         preview(final, processor, dataset, targs, "final")
         acc.print(f"mmar: trained {step} steps in {time.time() - start:.0f}s; model saved to {targs.output_dir}")
