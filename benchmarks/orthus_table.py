@@ -1,11 +1,12 @@
 """The miniature Orthus / MMAR table: continuous tokens + diffusion head against VQ tokens + codebook
-head, same backbone, data and training steps, on digits.
+head, same backbone, data, training steps and sampling settings, on digits and on shapes.
 
-Trains (unless the directories already hold trained models) ``configs/digits.yaml`` and
-``configs/digits-vq.yaml`` (after ``mmar train-tokenizer --config configs/vq-digits.yaml``), evaluates
-both with ``mmar eval`` and writes the table into BENCHMARKS.md.
+Trains whatever is missing (``configs/digits.yaml`` / ``configs/digits-vq.yaml`` after
+``configs/vq-digits.yaml``; ``configs/shapes.yaml`` / ``configs/shapes-vq.yaml`` after
+``configs/vq-shapes.yaml``), evaluates each model with ``mmar eval`` and writes the table into
+BENCHMARKS.md.
 
-    python benchmarks/orthus_table.py [--continuous runs/bench-digits] [--discrete runs/digits-vq]
+    python benchmarks/orthus_table.py [--tasks digits shapes] [--runs runs]
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import machine, update_section  # noqa: E402
 
+# task -> (continuous config, its run, discrete config, its run, VQ tokenizer config, its dir)
+SETUPS = {
+    "digits": ("configs/digits.yaml", "bench-digits", "configs/digits-vq.yaml", "digits-vq",
+               "configs/vq-digits.yaml", "vq-digits"),
+    "shapes": ("configs/shapes.yaml", "shapes", "configs/shapes-vq.yaml", "shapes-vq",
+               "configs/vq-shapes.yaml", "vq-shapes"),
+}
+DESCRIPTION = {
+    "digits": "8x8 grey digits as 16 tokens of 2x2 patches; backbone hidden 192 x 4 layers, 1,600 steps of batch 64",
+    "shapes": "16x16 RGB shapes as 16 tokens of 4x4 patches; backbone hidden 192 x 4 layers, 1,800 steps of batch 64",
+}
+
 
 def ensure_trained(config: str, out: str) -> float | None:
     from mmar.cli import main as cli
@@ -30,44 +43,63 @@ def ensure_trained(config: str, out: str) -> float | None:
     return time.time() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--continuous", default="runs/bench-digits")
-    ap.add_argument("--discrete", default="runs/digits-vq")
-    ap.add_argument("--vq", default="runs/vq-digits")
-    args = ap.parse_args()
+def run_task(task: str, runs: str) -> list[str]:
     from mmar.cli import main as cli
-    from mmar.eval.digits import evaluate_digits
+    from mmar.eval import evaluate
 
-    if not os.path.isfile(os.path.join(args.vq, "codebook.safetensors")):
-        assert cli(["train-tokenizer", "--config", "configs/vq-digits.yaml", "--output_dir", args.vq]) == 0
-    recon = json.load(open(os.path.join(args.vq, "reconstruction.json")))
+    cont_cfg, cont_run, disc_cfg, disc_run, vq_cfg, vq_run = SETUPS[task]
+    vq_dir = os.path.join(runs, vq_run)
+    if not os.path.isfile(os.path.join(vq_dir, "codebook.safetensors")):
+        assert cli(["train-tokenizer", "--config", vq_cfg, "--output_dir", vq_dir]) == 0
+    recon = json.load(open(os.path.join(vq_dir, "reconstruction.json")))
     rows = []
-    for name, config, out in (("continuous + diffusion head (MMAR / Orthus)", "configs/digits.yaml", args.continuous),
-                              ("VQ-256 + codebook head (Janus / LlamaGen)", "configs/digits-vq.yaml", args.discrete)):
+    for name, config, out in (("continuous + diffusion head (MMAR / Orthus)", cont_cfg, os.path.join(runs, cont_run)),
+                              ("VQ-256 + codebook head (Janus / LlamaGen)", disc_cfg, os.path.join(runs, disc_run))):
         train_s = ensure_trained(config, out)
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        m = evaluate_digits(out, output=os.path.join(out, "metrics.json"), guidance_scale=3.0)
+        m = evaluate(task, out, output=os.path.join(out, "metrics.json"))
         rows.append((name, m, train_s or log[-1]["elapsed_s"]))
-    lines = [
-        "## Miniature Orthus / MMAR table (digits)",
-        "",
-        f"`python benchmarks/orthus_table.py` on {machine()}. Same Llama backbone (hidden 192, 4 layers), data, "
-        "1,600 steps of batch 64, CFG 3.0; the only difference is how image tokens go in and come out. "
-        f"The VQ codebook (256 codes over the same 2x2 patches) reconstructs held-out digits at "
-        f"{recon['heldout']['psnr_db']:.1f} dB PSNR; the continuous patches are exact.",
-        "",
-        "| image tokens + head | text-to-image acc. | image-to-text acc. | interleaved acc. | FD (lower is better) | train time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, m, secs in rows:
-        lines.append(f"| {name} | {m['text_to_image_accuracy']:.1%} | {m['image_to_text_accuracy']:.1%} | "
-                     f"{m['interleaved_accuracy']:.0%} | {m['frechet_distance']:.2f} | {secs / 60:.1f} min |")
-    lines += ["", f"FD: Fréchet distance between 100 generated and the 360 held-out digits in the 32-unit hidden "
-              f"layer of an MLP trained on the training split; real training digits score "
-              f"{rows[0][1]['frechet_distance_real_train']:.2f}. Accuracies are judged by an independent SVC "
-              f"({rows[0][1]['classifier_heldout_accuracy']:.1%} on real held-out digits)."]
-    update_section("orthus-table", "\n".join(lines))
+    lines = [f"### {task}", "",
+             f"{DESCRIPTION[task]}; sampling settings from each model's generation config (CFG "
+             f"{rows[0][1]['guidance_scale']}). The VQ codebook reconstructs held-out images at "
+             f"{recon['heldout']['psnr_db']:.1f} dB PSNR; the continuous patches are exact.", ""]
+    if task == "digits":
+        lines += ["| image tokens + head | text-to-image acc. | image-to-text acc. | interleaved acc. | FD (lower is better) | train time |",
+                  "|---|---|---|---|---|---|"]
+        for name, m, secs in rows:
+            lines.append(f"| {name} | {m['text_to_image_accuracy']:.1%} | {m['image_to_text_accuracy']:.1%} | "
+                         f"{m['interleaved_accuracy']:.0%} | {m['frechet_distance']:.2f} | {secs / 60:.1f} min |")
+        lines += ["", f"Accuracies judged by an independent SVC ({rows[0][1]['classifier_heldout_accuracy']:.1%} on real "
+                  f"held-out digits); FD between 100 generated and the 360 held-out digits in the 32-unit hidden layer "
+                  f"of an MLP trained on the training split (real training digits: "
+                  f"{rows[0][1]['frechet_distance_real_train']:.2f})."]
+    else:
+        lines += ["| image tokens + head | text-to-image overall (GenEval rule) | colour / shape / position / count | image-to-text acc. | FD (lower is better) | train time |",
+                  "|---|---|---|---|---|---|"]
+        for name, m, secs in rows:
+            t = m["text_to_image"]
+            lines.append(f"| {name} | {m['text_to_image_overall']:.1%} | {t['colour']:.0%} / {t['shape']:.0%} / "
+                         f"{t['position']:.0%} / {t['count']:.0%} | {m['image_to_text_accuracy']:.1%} | "
+                         f"{m['frechet_distance']:.1f} | {secs / 60:.1f} min |")
+        lines += ["", f"Text-to-image: {rows[0][1]['n_generated']} held-out captions, each image checked by classical "
+                  f"image analysis (the analyser passes {rows[0][1]['analyser_on_real_heldout']:.1%} of the real held-out "
+                  f"images); image-to-text: every question of the 400 held-out scenes. FD between the generated and "
+                  f"the held-out images in the 32-unit hidden layer of an MLP trained to name the training scenes "
+                  f"(real training images: {rows[0][1]['frechet_distance_real_train']:.1f})."]
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--runs", default="runs", help="where the models are (trained there when missing)")
+    args = ap.parse_args()
+    lines = ["## Miniature Orthus / MMAR table", "",
+             f"`python benchmarks/orthus_table.py` on {machine()}. Per task the same backbone, data, training "
+             "steps and sampling settings; the only difference is how image tokens go in and come out.", ""]
+    for task in args.tasks:
+        lines += run_task(task, args.runs)
+    update_section("orthus-table", "\n".join(lines).rstrip())
     print("\n".join(lines))
 
 

@@ -93,6 +93,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
     banned += [t for t in [bos, pad, *(suppress_ids or [])] if t is not None and t != eos and t not in start_of]
     decode_text = decode_text or (lambda ids: ids)
     B, device = input_ids.shape[0], input_ids.device
+    embed_tokens = model.get_input_embeddings()
+    vocab = model.lm_head.out_features
+    ban_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    ban_mask[[t for t in banned if 0 <= t < vocab]] = True
+    start_ids = torch.tensor(list(start_of), dtype=torch.long, device=device)
+    pad_embed = embed_tokens(torch.tensor([pad], device=device))
     gens = _row_generators(generator, B)
     use_cfg = guidance_scale != 1.0 and mode != "text" and bool(mods)
     rows = [_Row() for _ in range(B)]
@@ -134,7 +140,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
             out = model(inputs_embeds=all_embeds, attention_mask=mask, position_ids=pos)
         h = out.hidden_states[:, -1]
         hc, hu = (h[:B], h[B:]) if use_cfg else (h, None)
-        next_embed = model.get_input_embeddings()(torch.full((B,), pad, device=device))
+        next_embed = pad_embed.expand(B, -1).clone()
         new_ids = [pad] * B
         cond_col = torch.zeros(B, dtype=torch.long, device=device)
         uncond_col = torch.zeros(B, dtype=torch.long, device=device)
@@ -168,11 +174,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
             cond_col[b] = 1
 
         if text_rows:
-            logits = model.lm_head(hc[text_rows]).float()
-            logits[:, banned] = float("-inf")
+            logits = model.lm_head(hc if len(text_rows) == B else hc[text_rows]).float()
+            logits.masked_fill_(ban_mask, float("-inf"))
             for i, b in enumerate(text_rows):
-                if mode == "text" or rows[b].n_items >= max_items:
-                    logits[i, list(start_of)] = float("-inf")
+                if start_of and (mode == "text" or rows[b].n_items >= max_items):
+                    logits[i, start_ids] = float("-inf")
                 if rows[b].n_text < min_new_tokens and eos is not None:
                     logits[i, eos] = float("-inf")
                 if rows[b].n_text >= max_new_tokens and eos is not None:
@@ -201,10 +207,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
                     r.n_text += 1
                     if callback is not None:
                         callback(b, tok)
-            text_ids = torch.tensor(toks, device=device)
-            next_embed[text_rows] = model.get_input_embeddings()(text_ids).to(next_embed.dtype)
+            text_embeds = embed_tokens(torch.tensor(toks, device=device)).to(next_embed.dtype)
+            if len(text_rows) == B:
+                next_embed = text_embeds
+            else:
+                next_embed[text_rows] = text_embeds
         for b in closing:
-            next_embed[b] = model.get_input_embeddings()(torch.tensor(new_ids[b], device=device))
+            next_embed[b] = embed_tokens(torch.tensor(new_ids[b], device=device))
         for b, r in enumerate(rows):
             if cond_col[b]:
                 r.ids.append(new_ids[b])

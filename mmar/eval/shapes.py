@@ -17,16 +17,18 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from ..datasets.shapes import COLOURS, QUESTIONS, Scene, load_split, questions, t2i_prompt
+from ..datasets.shapes import COLOURS, QUESTIONS, Scene, caption, load_split, questions, t2i_prompt
 from ..pipeline import MMARPipeline
 from ..sequence import Image, Message
 from ..training.pictures import image_grid
+from .digits import FD_FEATURES, frechet_distance
 
 BATCH = 100
 FOREGROUND = 100  # a pixel whose brightest channel exceeds this is not background (which is black)
@@ -141,6 +143,23 @@ def _batches(items: list, size: int = BATCH):
         yield items[i: i + size]
 
 
+@lru_cache(maxsize=2)
+def fit_feature_extractor(seed: int = 0):
+    """A small MLP trained here to name the training scenes (their captions); its hidden layer is the
+    feature space of the Fréchet distance, as for digits (an offline stand-in for Inception features)."""
+    from sklearn.neural_network import MLPClassifier
+
+    scenes, images = load_split("train")
+    return MLPClassifier(hidden_layer_sizes=(FD_FEATURES,), max_iter=300, random_state=seed).fit(
+        images.reshape(len(images), -1) / 255.0, [caption(s) for s in scenes])
+
+
+def features(mlp, images: list | np.ndarray) -> np.ndarray:
+    x = np.stack([np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.float32).reshape(-1)
+                  for im in images]) / 255.0
+    return np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)
+
+
 def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
                     guidance_scale: float | None = None, num_inference_steps: int | None = None, seed: int = 0,
                     image_temperature: float | None = None, num_prompts: int = 120, num_qa_scenes: int | None = None,
@@ -178,14 +197,19 @@ def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None 
         generated += [imgs[0] for imgs in out.images]
     t2i = summarise(prompts, [check(s, im) for s, im in zip(prompts, generated)])
     head = pipe.model.config.modalities["image"]["head"]
+    mlp = fit_feature_extractor(seed)
+    real = features(mlp, images)
+    fd = frechet_distance(features(mlp, generated), real)
+    fd_real = frechet_distance(features(mlp, load_split("train")[1][: len(generated)]), real)
     metrics = {
         "task": "shapes", "model": str(model_dir),
         "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
         "image_to_text_accuracy": float(np.mean([x for k, v in right.items() if k != "caption" for x in v])),
         "caption_exact_match": qa.get("caption"), "image_to_text_by_question": qa,
         "analyser_on_real_heldout": analyser_accuracy("test")["overall"],
+        "frechet_distance": fd, "frechet_distance_real_train": fd_real,
         "n_questions": len(asked), "n_generated": len(generated), "guidance_scale": guidance_scale,
-        "num_inference_steps": num_inference_steps or head["num_inference_steps"],
+        "head": head["name"], "num_inference_steps": num_inference_steps or head.get("num_inference_steps"),
         "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }

@@ -14,7 +14,8 @@ import math
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
@@ -67,18 +68,30 @@ class SimpleMLPAdaLN(nn.Module):
         return self.denoise(x, self.modulations(self.time_embed(timestep_features(t).to(x.dtype))
                                                 + self.cond_embed(cond)))
 
-    def modulations(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """The AdaLN shift / scale / gate of every block for condition embeddings ``y`` ``[..., width]``;
-        in sampling they are computed for all steps at once, since the condition does not change."""
-        return [block.ada(y) for block in self.blocks] + [self.final_ada(y)]
+    def modulations(self, y: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """The AdaLN ``(shift, 1 + scale, gate)`` of every block (and ``(shift, 1 + scale)`` of the final
+        norm) for condition embeddings ``y`` ``[..., width]``; in sampling they are computed for all steps
+        at once, since the condition does not change."""
+        mods = []
+        for ada in [block.ada for block in self.blocks] + [self.final_ada]:
+            parts = list(ada(y).chunk(3 if ada is not self.final_ada else 2, dim=-1))
+            parts[1] = parts[1] + 1
+            mods.append(tuple(parts))
+        return mods
 
-    def denoise(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
-        x = self.input_proj(x)
-        for block, mod in zip(self.blocks, mods):
-            shift, scale, gate = mod.chunk(3, dim=-1)
-            x = x + gate * block.mlp(modulate(block.norm(x), shift, scale))
-        shift, scale = mods[-1].chunk(2, dim=-1)
-        return self.out(modulate(self.final_norm(x), shift, scale))
+    def denoise(self, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """The network body, written with functional ops: sampling calls it once per step for a few rows,
+        where module-call overhead would cost more than the arithmetic."""
+        width = self.input_proj.out_features
+        x = F.linear(x, self.input_proj.weight, self.input_proj.bias)
+        for block, (shift, scale1p, gate) in zip(self.blocks, mods):
+            h = F.layer_norm(x, (width,), block.norm.weight, block.norm.bias, block.norm.eps)
+            fc1, fc2 = block.mlp[0], block.mlp[2]
+            h = F.linear(F.silu(F.linear(torch.addcmul(shift, h, scale1p), fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+            x = torch.addcmul(x, gate, h)
+        shift, scale1p = mods[-1]
+        h = torch.addcmul(shift, F.layer_norm(x, (width,), None, None, self.final_norm.eps), scale1p)
+        return F.linear(h, self.out.weight, self.out.bias)
 
 
 @register_head("diffusion")
@@ -98,6 +111,7 @@ class DiffusionHead(Head):
                              prediction_type=prediction_type, clip_sample=False)
         self.scheduler_name = scheduler
         self._samplers: dict[str, object] = {}
+        self._linear_steps: dict[tuple, list[tuple[float, float]]] = {}
 
     @property
     def train_scheduler(self) -> DDPMScheduler:
@@ -118,6 +132,22 @@ class DiffusionHead(Head):
             with torch.device("cpu"):
                 self._samplers[name] = cls.from_config(self.train_scheduler.config)
         return copy.deepcopy(self._samplers[name])
+
+    def linear_steps(self, sched, name: str) -> list[tuple[float, float]] | None:
+        """For a deterministic DDIM sampler (``eta = 0``, no clipping or thresholding) each step is
+        ``x_prev = a * x + b * model_output`` with ``(a, b)`` depending only on the timestep: read them off
+        diffusers' own ``step`` once (two probes per timestep), cache them, and let sampling skip the
+        scheduler's per-step Python. ``None`` for any other sampler (it then runs ``step`` as usual)."""
+        cfg = sched.config
+        if not isinstance(sched, DDIMScheduler) or self.eta != 0 or cfg.clip_sample or cfg.thresholding:
+            return None
+        key = (name, len(sched.timesteps), tuple(int(t) for t in sched.timesteps[:2]))
+        if key not in self._linear_steps:
+            one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+            self._linear_steps[key] = [(float(sched.step(zero, t, one, eta=0.0).prev_sample),
+                                        float(sched.step(one, t, zero, eta=0.0).prev_sample))
+                                       for t in sched.timesteps]
+        return self._linear_steps[key]
 
     # -- training ------------------------------------------------------------------------------
     def loss(self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,6 +176,7 @@ class DiffusionHead(Head):
         """
         sched = self.sampler(scheduler)
         sched.set_timesteps(num_inference_steps or self.num_inference_steps, device=cond.device)
+        linear = self.linear_steps(sched, scheduler or self.scheduler_name)
         n, dtype = cond.shape[0], cond.dtype
         x = randn_tensor((n, self.token_dim), generator=generator, device=cond.device, dtype=dtype)
         x = x * temperature * sched.init_noise_sigma
@@ -157,11 +188,16 @@ class DiffusionHead(Head):
         mods = self.net.modulations(t_emb[:, None, :] + c[None])
         step_params = inspect.signature(sched.step).parameters
         for i, t in enumerate(sched.timesteps):
-            xin = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            out = self.net.denoise(xin, [m[i] for m in mods])
+            xin = torch.cat([x, x]) if cfg else x
+            xin = xin if linear else sched.scale_model_input(xin, t)  # DDIM's is the identity
+            out = self.net.denoise(xin, [tuple(p[i] for p in m) for m in mods])
             if cfg:
                 oc, ou = out.chunk(2)
-                out = ou + guidance_scale * (oc - ou)
+                out = torch.lerp(ou, oc, guidance_scale)  # u + s * (c - u)
+            if linear:
+                a, b = linear[i]
+                x = torch.add(x * a, out, alpha=b)
+                continue
             kwargs = {}
             if "eta" in step_params:
                 kwargs["eta"] = self.eta
