@@ -133,9 +133,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
 
     for _ in range(limit):
         if use_cache:
-            out = model(inputs_embeds=step_embeds, attention_mask=mask, past_key_values=cache,
+            out = model(inputs_embeds=step_embeds, attention_mask=mask, cache=cache,
                         position_ids=pos[:, -step_embeds.shape[1]:], use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
         else:
             out = model(inputs_embeds=all_embeds, attention_mask=mask, position_ids=pos)
         h = out.hidden_states[:, -1]

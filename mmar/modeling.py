@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .compat import CACHE
 from .config import MMARConfig
 from .heads import SimpleMLPAdaLN, build_head
 from .sequence import IGNORE
@@ -31,7 +32,7 @@ class MMAROutput(ModelOutput):
     text_loss: torch.Tensor | None = None
     modality_losses: dict | None = None
     hidden_states: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None  # the backbone's KV cache (``use_cache=True``)
 
 
 class MMARPreTrainedModel(PreTrainedModel):
@@ -128,17 +129,19 @@ class MMARModel(MMARPreTrainedModel):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, values=None, labels=None,
-                inputs_embeds=None, past_key_values=None, use_cache=False, **kwargs) -> MMAROutput:
+                inputs_embeds=None, cache=None, use_cache=False, past_key_values=None, **kwargs) -> MMAROutput:
+        """``cache``: a transformers ``Cache`` (``past_key_values`` is accepted as its older name)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, values)
+        cache = cache if cache is not None else past_key_values
         out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                           past_key_values=past_key_values, use_cache=use_cache, **kwargs)
-        hidden = out.last_hidden_state
+                           use_cache=use_cache, **{CACHE: cache}, **kwargs)
+        hidden, cache = out.last_hidden_state, getattr(out, CACHE)
         if labels is None:
-            return MMAROutput(hidden_states=hidden, past_key_values=out.past_key_values)
-        return self.compute_loss(hidden, input_ids, labels, values, out.past_key_values)
+            return MMAROutput(hidden_states=hidden, cache=cache)
+        return self.compute_loss(hidden, input_ids, labels, values, cache)
 
-    def compute_loss(self, hidden, input_ids, labels, values, past_key_values=None) -> MMAROutput:
+    def compute_loss(self, hidden, input_ids, labels, values, cache=None) -> MMAROutput:
         h, nxt = hidden[:, :-1], labels[:, 1:]
         placeholders = torch.tensor(list(self.placeholder.values()), device=labels.device)
         text = (nxt != IGNORE) & ~torch.isin(nxt, placeholders)
@@ -159,7 +162,7 @@ class MMARModel(MMARPreTrainedModel):
         loss = text_loss + self.config.diffusion_loss_weight * sum(losses.values(), zero)
         return MMAROutput(loss=loss, text_loss=text_loss.detach(),
                           modality_losses={m: v.detach() for m, v in losses.items()},
-                          past_key_values=past_key_values)
+                          cache=cache)
 
 
 AutoModel.register(MMARConfig, MMARModel)

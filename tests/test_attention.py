@@ -18,6 +18,7 @@ from mmar.attention import packed_lengths, xformers_bias  # noqa: E402
 from mmar.datasets import DigitsDataset  # noqa: E402
 from mmar.generation import generate  # noqa: E402
 from mmar.sequence import Message  # noqa: E402
+from mmar.compat import CACHE  # noqa: E402
 from tests.conftest import make_tiny  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def _hf_mask(model, embeds, attention_mask, position_ids):
     from transformers.masking_utils import create_causal_mask
 
     return create_causal_mask(config=model.config.backbone_config, inputs_embeds=embeds,
-                              attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+                              attention_mask=attention_mask, position_ids=position_ids, **{CACHE: None})
 
 
 def test_causal_bias_is_lower_triangular():

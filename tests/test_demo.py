@@ -18,7 +18,7 @@ from mmar.demo import build_demo, digits_examples, launch, model_summary  # noqa
 from mmar.eval.digits import parse_digit  # noqa: E402
 from mmar.pipeline import MMARPipeline  # noqa: E402
 
-N_CHAT = 12  # held-out digits asked about; the model reads ~95% of them right
+N_CHAT = 12  # held-out digits asked about
 
 
 def _free_port() -> int:
@@ -63,7 +63,9 @@ def test_api_lists_the_two_endpoints(client):
     assert {"/chat", "/generate"} <= set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
 
 
-def test_chat_reads_uploaded_digits(client, tmp_path):
+def test_chat_reads_uploaded_digits(client, pipe, tmp_path):
+    """An upload reaches the model exactly as the pipeline reads it: each of the demo's greedy answers is
+    the pipeline's own answer for the same image, and the model reads most held-out digits right."""
     x, y = load_digit_split("test")
     right = 0
     for i in range(N_CHAT):
@@ -73,8 +75,13 @@ def test_chat_reads_uploaded_digits(client, tmp_path):
                                     [], 0.0, 8, 3.0, False, api_name="/chat")
         assert _texts(history, "user") == ["which digit is this?"] and len(_files(history, "user")) == 1
         answer = "".join(_texts(history, "assistant"))
+        expected = pipe.chat([{"role": "user", "content": [{"type": "image", "image": pipe.load_image(str(path))},
+                                                           {"type": "text", "text": "which digit is this?"}]}],
+                             temperature=0.0, guidance_scale=3.0, max_new_tokens=8)
+        assert answer == "".join(p for p in expected if isinstance(p, str)), f"digit {i}"
         right += parse_digit(answer) == int(y[i])
-    assert right >= N_CHAT - 2, f"{right}/{N_CHAT} digits read right"
+    # the quick test model reads about 3 in 4 held-out digits (chance: 1 in 10); configs/digits.yaml 98.6%
+    assert right >= N_CHAT // 2, f"{right}/{N_CHAT} digits read right"
 
 
 def test_chat_draws_an_image_and_keeps_the_history(client):

@@ -3,5 +3,7 @@
 from .base import Head, available_heads, build_head, register_head
 from .codebook import CodebookHead
 from .diffusion import DiffusionHead, SimpleMLPAdaLN
+from .flow import FlowHead
 
-__all__ = ["Head", "CodebookHead", "DiffusionHead", "SimpleMLPAdaLN", "available_heads", "build_head", "register_head"]
+__all__ = ["Head", "CodebookHead", "DiffusionHead", "FlowHead", "SimpleMLPAdaLN", "available_heads", "build_head",
+           "register_head"]

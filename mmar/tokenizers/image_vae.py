@@ -2,9 +2,16 @@
 
 Either a local VAE directory (an SD-VAE or a MAR-style KL-16 folder, with its
 scaling factor in its config) or a VAE built from a config dict (random init:
-for tests, or to be trained by ``mmar train-tokenizer``). The latent grid
-``[C, h, w]`` is cut into ``patch_size x patch_size`` patches in raster order:
+for tests, or to be trained by ``mmar train-tokenizer``, see :meth:`ImageVAETokenizer.fit`).
+The latent grid ``[C, h, w]`` is cut into ``patch_size x patch_size`` patches in raster order:
 ``(h / p) * (w / p)`` tokens of ``p * p * C`` values (MAR's patchify).
+
+Training (:meth:`~ImageVAETokenizer.fit`) follows the KL autoencoder recipe of latent diffusion without
+its perceptual and adversarial terms: an L1 (or MSE) reconstruction loss on a latent drawn from the
+posterior plus a small KL weight, AdamW with a cosine schedule. Afterwards the latent scaling factor
+is set from the data as Stable Diffusion's was, ``1 / std`` of the training latents, so the
+diffusion head sees latents of unit scale; it is saved in the tokenizer config and the VAE's own
+``config.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,19 @@ from .base import ModalityTokenizer, register_tokenizer
 from .image_patch import ImagePatchTokenizer
 
 VAE_DIR = "vae"
+LOSSES = ("l1", "mse")
+LOG_EVERY = 10  # fit() returns the mean loss of each window of this many steps
+SCALE_BATCH = 256  # images per batch when measuring the latents' std
+
+
+def complete_vae_config(vae_config: dict) -> dict:
+    """Fill the block types from ``block_out_channels`` (one plain encoder / decoder block per level), so
+    a small VAE's config only names its widths, channels and sizes."""
+    cfg = dict(vae_config)
+    levels = len(cfg.get("block_out_channels", (64,)))
+    cfg.setdefault("down_block_types", ["DownEncoderBlock2D"] * levels)
+    cfg.setdefault("up_block_types", ["UpDecoderBlock2D"] * levels)
+    return cfg
 
 
 @register_tokenizer("image-vae")
@@ -26,7 +46,8 @@ class ImageVAETokenizer(ModalityTokenizer):
     kind = "continuous"
 
     def __init__(self, vae_path: str | None = None, vae_config: dict | None = None, image_size: int = 256,
-                 patch_size: int = 1, sample_posterior: bool = False, scaling_factor: float | None = None):
+                 patch_size: int = 1, sample_posterior: bool = False, scaling_factor: float | None = None,
+                 trained: bool | None = None):
         from diffusers import AutoencoderKL
 
         if (vae_path is None) == (vae_config is None):
@@ -36,9 +57,18 @@ class ImageVAETokenizer(ModalityTokenizer):
                 raise FileNotFoundError(f"{vae_path}: not an AutoencoderKL directory (no config.json)")
             self.vae = AutoencoderKL.from_pretrained(vae_path, use_safetensors=True)
         else:
-            self.vae = AutoencoderKL(**vae_config)
+            if not isinstance(vae_config, dict):
+                raise TypeError(f"image-vae: vae_config must be a dict of AutoencoderKL options, "
+                                f"got {type(vae_config).__name__}")
+            vae_config = complete_vae_config(vae_config)
+            try:
+                self.vae = AutoencoderKL(**vae_config)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"image-vae: bad vae_config {vae_config}: {e}") from e
         self.vae.eval().requires_grad_(False)
         self.vae_path, self.vae_config = vae_path, vae_config
+        # a VAE read from a directory counts as trained; one built from a config only after fit()
+        self.trained = bool(vae_path is not None if trained is None else trained)
         self.image_size, self.patch_size, self.sample_posterior = image_size, patch_size, sample_posterior
         cfg = self.vae.config
         self.scaling_factor = scaling_factor if scaling_factor is not None else cfg.scaling_factor
@@ -56,7 +86,7 @@ class ImageVAETokenizer(ModalityTokenizer):
     def config(self) -> dict[str, Any]:
         return dict(vae_path=self.vae_path, vae_config=self.vae_config, image_size=self.image_size,
                     patch_size=self.patch_size, sample_posterior=self.sample_posterior,
-                    scaling_factor=self.scaling_factor)
+                    scaling_factor=self.scaling_factor, trained=self.trained)
 
     def num_tokens(self, item: Any = None) -> int:
         return self.grid * self.grid
@@ -83,11 +113,98 @@ class ImageVAETokenizer(ModalityTokenizer):
     def decode(self, tokens: torch.Tensor) -> list:
         return [self._pixels.to_pil(x) for x in self.decode_pixels(tokens)]
 
+    # -- training ------------------------------------------------------------------------------
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        c, size = self.vae.config.in_channels, self.image_size
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (c, size, size):
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"image-vae: fit takes preprocessed pixels [n, {c}, {size}, {size}] in [0, 1], "
+                             f"got {shape}")
+        if pixels.shape[0] == 0:
+            raise ValueError("image-vae: fit got no images")
+        if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError("image-vae: fit takes pixels in [0, 1] (finite); preprocess the images first")
+
+    def fit(self, pixels: torch.Tensor, steps: int = 1000, batch_size: int = 64, seed: int = 0,
+            learning_rate: float = 1e-3, weight_decay: float = 0.0, kl_weight: float = 1e-3, loss: str = "l1",
+            warmup_steps: int = 50, max_grad_norm: float = 1.0, progress: bool = True) -> list[float]:
+        """Train the VAE on preprocessed ``pixels`` ``[n, C, H, W]`` in [0, 1].
+
+        Loss per step: ``loss`` (``"l1"`` or ``"mse"``, per pixel, in the VAE's [-1, 1] range) between a
+        batch and its reconstruction from a posterior sample, plus ``kl_weight`` times the KL divergence
+        to N(0, I) per latent value. AdamW, linear warm-up then cosine decay, gradient clipping. Then
+        sets ``scaling_factor`` to 1 / std of the training latents and marks the tokenizer trained.
+        Returns the mean training loss of every ``LOG_EVERY`` steps."""
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+        from tqdm.auto import tqdm
+
+        self._check_pixels(pixels)
+        if loss not in LOSSES:
+            raise ValueError(f"image-vae: loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"image-vae: steps and batch_size must be positive, got {steps} and {batch_size}")
+        if kl_weight < 0 or learning_rate <= 0:
+            raise ValueError(f"image-vae: need kl_weight >= 0 and learning_rate > 0, got {kl_weight}, {learning_rate}")
+        g = torch.Generator().manual_seed(seed)
+        vae, data = self.vae, pixels.float() * 2 - 1
+        vae.train().requires_grad_(True)
+        opt = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        schedule = get_cosine_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
+        history, window = [], []
+        bar = tqdm(range(steps), desc="image-vae fit", disable=not progress)
+        try:
+            for step in bar:
+                x = data[torch.randint(0, len(data), (batch_size,), generator=g)].to(vae.dtype)
+                posterior = vae.encode(x).latent_dist
+                z = posterior.sample(generator=g)
+                error = vae.decode(z).sample - x
+                rec = error.abs().mean() if loss == "l1" else error.pow(2).mean()
+                kl = posterior.kl().mean() / z[0].numel()
+                total = rec + kl_weight * kl
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), max_grad_norm)
+                opt.step()
+                schedule.step()
+                window.append(total.item())
+                if len(window) == LOG_EVERY or step == steps - 1:
+                    history.append(sum(window) / len(window))
+                    window = []
+                    bar.set_postfix(loss=f"{history[-1]:.4f}", rec=f"{rec.item():.4f}", kl=f"{kl.item():.3f}")
+        finally:
+            vae.eval().requires_grad_(False)
+        self.set_scaling_factor(pixels)
+        self.trained = True
+        return history
+
+    @torch.no_grad()
+    def set_scaling_factor(self, pixels: torch.Tensor) -> float:
+        """Set the latent scaling factor to 1 / std of the latents of ``pixels`` (as encoded: the posterior
+        mode, or a sample with ``sample_posterior``), as Stable Diffusion did; also written into the VAE's
+        config. Returns it."""
+        self._check_pixels(pixels)
+        latents = []
+        for i in range(0, len(pixels), SCALE_BATCH):
+            dist = self.vae.encode(pixels[i:i + SCALE_BATCH].to(self.vae.dtype) * 2 - 1).latent_dist
+            latents.append((dist.sample() if self.sample_posterior else dist.mode()).float() - self.shift_factor)
+        std = float(torch.cat(latents).std())
+        if not std > 0 or not torch.isfinite(torch.tensor(std)):
+            raise ValueError(f"image-vae: the latents' std is {std}; cannot set a scaling factor")
+        self.scaling_factor = 1.0 / std
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
+        return self.scaling_factor
+
+    def reconstruct(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Encode then decode, pixels ``[B, C, H, W]`` in [0, 1] -> the same, clamped to [0, 1]."""
+        return self.decode_pixels(self.encode(pixels)).clamp(0, 1)
+
     # -- persistence: the VAE weights travel with the model directory ------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         import json
 
         os.makedirs(directory, exist_ok=True)
+        # the folder is a plain diffusers AutoencoderKL (config.json with the scaling factor, safetensors)
+        self.vae.register_to_config(scaling_factor=self.scaling_factor)
         self.vae.save_pretrained(os.path.join(directory, VAE_DIR), safe_serialization=True)
         cfg = {**self.config(), "vae_path": VAE_DIR, "vae_config": None}
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:

@@ -61,12 +61,28 @@ def reconstruct(tok, items: torch.Tensor, batch_size: int = 256) -> torch.Tensor
         return torch.cat([fn(items[i:i + batch_size]) for i in range(0, len(items), batch_size)])
 
 
+def log_mel_distance_db(recon: torch.Tensor, items: torch.Tensor, sampling_rate: int) -> float:
+    """Mean absolute difference of the two waveforms' log-mel spectrograms (32 bands, audio-mel's
+    analysis at ``sampling_rate``), in dB; quiet bins sit at audio-mel's -50 dB floor."""
+    from ..tokenizers.audio_mel import AudioMelTokenizer
+
+    mel = AudioMelTokenizer(sampling_rate, max_seconds=items.shape[1] / sampling_rate, frames_per_token=1)
+    diffs = [(mel.log_mel(recon[i:i + 256]) - mel.log_mel(items[i:i + 256])).abs().sum()
+             for i in range(0, len(items), 256)]
+    frames = mel.log_mel(items[:1]).numel() * len(items)
+    return float(sum(diffs) / frames * mel.std * 10)
+
+
 def reconstruction(tok, items: torch.Tensor) -> dict[str, float]:
-    """MSE and PSNR (peak = the inputs' value range: 1 for pixels in [0, 1], 2 for audio in [-1, 1])."""
+    """MSE and PSNR (peak = the inputs' value range: 1 for pixels in [0, 1], 2 for audio in [-1, 1]);
+    for audio also the log-mel spectral distance in dB (PSNR says little about how audio sounds)."""
     recon = reconstruct(tok, items)
     mse = float((recon - items).pow(2).mean())
     peak = float(getattr(tok, "value_range", 1.0))
-    return {"mse": mse, "psnr_db": float(10 * np.log10(peak ** 2 / max(mse, 1e-12)))}
+    report = {"mse": mse, "psnr_db": float(10 * np.log10(peak ** 2 / max(mse, 1e-12)))}
+    if tok.modality == "audio":
+        report["log_mel_distance_db"] = log_mel_distance_db(recon, items, tok.sampling_rate)
+    return report
 
 
 def plot_fit_curve(history: list[float], path: str, title: str) -> None:
