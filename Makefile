@@ -38,7 +38,7 @@ demo: train
 # run it on an otherwise idle machine: the timings are only as quiet as the machine).
 bench: install
 	$(PY) benchmarks/digits_quality.py --output_dir runs/bench-digits
-	$(PY) benchmarks/orthus_table.py --continuous runs/bench-digits
+	$(PY) benchmarks/orthus_table.py --runs runs
 	$(PY) benchmarks/sampling_steps.py --model runs/bench-digits
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/finetune.py

@@ -94,13 +94,13 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--runs", default="runs", help="where the models are (trained there when missing)")
     args = ap.parse_args()
-    lines = ["## Miniature Orthus / MMAR table", "",
-             f"`python benchmarks/orthus_table.py` on {machine()}. Per task the same backbone, data, training "
-             "steps and sampling settings; the only difference is how image tokens go in and come out.", ""]
-    for task in args.tasks:
-        lines += run_task(task, args.runs)
-    update_section("orthus-table", "\n".join(lines).rstrip())
-    print("\n".join(lines))
+    for task in args.tasks:  # one section per task, so a task can be rerun alone
+        lines = [f"## Miniature Orthus / MMAR table ({task})", "",
+                 f"`python benchmarks/orthus_table.py --tasks {task}` on {machine()}. The same backbone, data, "
+                 "training steps and sampling settings; the only difference is how image tokens go in and come out.",
+                 ""] + run_task(task, args.runs)[2:]
+        update_section(f"orthus-{task}", "\n".join(lines).rstrip())
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

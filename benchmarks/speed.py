@@ -25,6 +25,7 @@ from mmar.datasets import DigitsDataset  # noqa: E402
 from mmar.generation import generate  # noqa: E402
 from mmar.sequence import Message  # noqa: E402
 from mmar.tokenizers import add_modality_tokens, train_bpe_tokenizer  # noqa: E402
+from mmar.training.trainer import make_optimizer  # noqa: E402
 
 
 def make(hidden=192, layers=4, image_size=8, vocab=512, heads=4, inter=None, head_width=256):
@@ -74,13 +75,28 @@ def bench_kv_cache(image_size: int, guidance=3.0, hidden=512, layers=8):
     b = proc.collate([proc.encode([Message("user", "draw the digit seven")], add_generation_prompt=True,
                                   start_modality="image")], padding_side="left")
 
+    head, head_time = model.heads["image"], [0.0]
+    sample = head.sample
+
+    def timed_sample(*args, **kwargs):  # the diffusion head's share, which the cache cannot shorten
+        start = time.perf_counter()
+        out = sample(*args, **kwargs)
+        head_time[0] += time.perf_counter() - start
+        return out
+
+    head.sample = timed_sample
+
     def run(cache):
-        return generate(model, b["input_ids"], b["attention_mask"], mode="image", guidance_scale=guidance,
-                        max_items=1, max_new_tokens=1, num_inference_steps=25, use_cache=cache,
-                        generator=torch.Generator().manual_seed(0))
+        head_time[0] = 0.0
+        start = time.perf_counter()
+        generate(model, b["input_ids"], b["attention_mask"], mode="image", guidance_scale=guidance,
+                 max_items=1, max_new_tokens=1, num_inference_steps=25, use_cache=cache,
+                 generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - start, head_time[0]
 
     n = proc.modality_tokenizers["image"].num_tokens()
-    return {"tokens": n, "cached": best_of(lambda: run(True), 2), "uncached": best_of(lambda: run(False), 2)}
+    (cached, head_c), (uncached, head_u) = (min(run(c) for _ in range(2)) for c in (True, False))
+    return {"tokens": n, "cached": cached, "uncached": uncached, "head_cached": head_c, "head_uncached": head_u}
 
 
 def matmul_peak(n=2048, repeat=5) -> float:
@@ -96,7 +112,7 @@ def bench_mfu(steps=3, batch=16):
     model, proc = make(hidden=1024, layers=4, heads=16, inter=2816, head_width=1024)
     model.train()
     ds = DigitsDataset(pairs_per_image=1.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer([{"params": list(model.parameters())}], 1e-4, 0.95)  # the trainer's (fused) AdamW
     batches = [proc([ds[i * batch + j] for j in range(batch)]) for i in range(steps + 1)]
 
     def step(b):
@@ -116,6 +132,26 @@ def bench_mfu(steps=3, batch=16):
     secs = (time.perf_counter() - start) / steps
     return {"params": sum(p.numel() for p in model.parameters()), "flops_per_step": flops_per_step,
             "s_per_step": secs, "achieved": flops_per_step / secs}
+
+
+def why_missed(checks, kv64: dict) -> list[str]:
+    missed = {name for name, v, t in checks if v < t}
+    out = []
+    if any(name.startswith("KV cache") for name in missed):
+        head = kv64["head_cached"] / kv64["tokens"] * 1e3
+        backbone = (kv64["uncached"] - kv64["head_uncached"]) / (kv64["cached"] - kv64["head_cached"])
+        out.append(f"KV cache: at 64 tokens the diffusion head takes {head:.1f} ms of every token in both runs; "
+                   f"the backbone alone runs {backbone:.1f}x faster with the cache. A one-token decode step "
+                   "on a CPU is bound by reading the weights (~100 MB for hidden 512 x 8 layers), while "
+                   "recomputing 64 tokens is compute-bound and uses the matmul units well, so the cache's "
+                   "gain on this machine is smaller than the FLOP ratio suggests and grows with length.")
+    if any(name.startswith("decoding") for name in missed):
+        out.append("Decoding: the sampler keeps per-row state for interleaving (items, CFG rows) in Python; on a "
+                   "model this small each step is ~1-2 ms, so that book-keeping is a visible share.")
+    if any(name.startswith("MFU") for name in missed):
+        out.append("MFU: a digits step is many small ops (the diffusion head's 640-row MLPs, norms, the "
+                   "scatter of image tokens) beside the big matmuls; those run far below the matmul peak.")
+    return out
 
 
 def main() -> None:
@@ -149,8 +185,17 @@ def main() -> None:
         "KV-cache growth: cached time per image token " +
         ", ".join(f"{r['tokens']}: {1e3 * r['cached'] / r['tokens']:.1f} ms" for r in kv) +
         "; uncached " + ", ".join(f"{r['tokens']}: {1e3 * r['uncached'] / r['tokens']:.1f} ms" for r in kv) + ".",
-        "On the tiny digits backbone the per-token cost is mostly the diffusion head's 25 DDIM steps, "
-        "which the cache cannot shorten; the cache pays off as the backbone grows.",
+        "",
+        "| image tokens | diffusion head per token | backbone per token, KV cache | backbone per token, no cache "
+        "| backbone alone: cache speed-up |",
+        "|---|---|---|---|---|",
+        *[f"| {r['tokens']} | {1e3 * r['head_cached'] / r['tokens']:.1f} ms | "
+          f"{1e3 * (r['cached'] - r['head_cached']) / r['tokens']:.1f} ms | "
+          f"{1e3 * (r['uncached'] - r['head_uncached']) / r['tokens']:.1f} ms | "
+          f"{(r['uncached'] - r['head_uncached']) / (r['cached'] - r['head_cached']):.1f}x |" for r in kv],
+        "",
+        "The head's 25 DDIM steps per token cost the same with or without the cache, so they bound the "
+        "end-to-end ratio; the backbone-alone column is what the cache itself buys.",
         f"MFU counts the FLOPs of one real training step (forward + backward, {mfu['flops_per_step'] / 1e9:.0f} "
         "GFLOP, `torch.utils.flop_counter`) over its measured time.",
     ]
@@ -159,11 +204,8 @@ def main() -> None:
               ("KV cache >= 3x at 64 image tokens", kv64, 3.0), ("MFU >= 50% of peak", mfu["achieved"] / peak, 0.5)]
     lines += ["", "Targets: " + "; ".join(f"{name}: {'met' if v >= t else f'missed ({v:.2f} vs {t})'}"
                                       for name, v, t in checks) + ".",
-              "Why the misses: per generated token the diffusion head runs 25 DDIM steps (about 20 ms here, "
-              "the same with or without the cache), so at 64 tokens the cache can only save the backbone's "
-              "share; the sampler's per-step Python book-keeping (per-row state for interleaving, CFG rows) "
-              "costs a few percent against `generate()` on a model this small. Timings on a shared 2-core "
-              "machine vary by 10-30% between runs."]
+              *why_missed(checks, kv[1]),
+              "Timings on a shared 2-core machine vary by 10-30% between runs."]
     update_section("speed", "\n".join(lines))
     print("\n".join(lines))
 

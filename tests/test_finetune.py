@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,3 +229,44 @@ def test_ema_is_saved_as_the_final_model(tmp_path, tiny_dir, chat_jsonl):
                  "--max_steps", "6", "--batch_size", "8", "--ema_decay", "0.5", "--save_steps", "2",
                  "--output_dir", str(out), "--progress", "false", "--resume_from_checkpoint", "latest"]) == 0
     assert MMARModel.from_pretrained(out) is not None
+
+
+def test_streamed_jsonl_trains_and_resumes_mid_epoch(tmp_path, tiny_dir, chat_jsonl):
+    """--streaming true: records come through HF datasets' IterableDataset (shuffle buffer, one order per
+    epoch); bad records are skipped and counted; resuming from a mid-epoch checkpoint gives the same losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = {"model": tiny_dir, "jsonl": chat_jsonl}
+    stream = ["--streaming", "true", "--shuffle_buffer", "16", "--save_steps", "3", "--save_total_limit", "10"]
+    full = tmp_path / "full"
+    res = subprocess.run(_train_cmd(full, data, stream), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "streamed samples" in res.stdout and "skipped 2 bad sample(s)" in res.stdout, res.stdout
+    a = _losses(full)
+    assert sorted(a) == list(range(1, 21))
+    assert sum(a[s] for s in range(16, 21)) < sum(a[s] for s in range(1, 6))  # it learns
+    # 42 records, batch 8: 5 batches an epoch, so step 12 is two batches into the third epoch
+    state = json.loads((full / "checkpoints" / "step_12" / "trainer_state.json").read_text())
+    assert state == {"step": 12, "epoch": 2, "batches": 2}
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_12", resumed / "checkpoints" / "step_12")
+    res = subprocess.run(_train_cmd(resumed, data, [*stream, "--resume_from_checkpoint", "latest"]), env=env,
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    b = _losses(resumed)
+    assert sorted(b) == list(range(13, 21))
+    for step in b:
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), step
+
+
+def test_streamed_epochs_are_shuffled_differently(chat_jsonl):
+    from mmar.training.jsonl import StreamingChatDataset
+
+    ds = StreamingChatDataset(str(chat_jsonl), seed=0, shuffle_buffer=16)
+    orders = []
+    for epoch in (0, 1, 0):
+        ds.epoch = epoch
+        orders.append([str(s)[:60] for _, s in ds])
+    assert len(orders[0]) == 42 and orders[0] == orders[2] and orders[0] != orders[1]
+    assert sorted(orders[0]) == sorted(orders[1])
+    with pytest.raises(FileNotFoundError, match="gone.jsonl: data file not found"):
+        StreamingChatDataset(str(chat_jsonl.parent / "gone.jsonl"))

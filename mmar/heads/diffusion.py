@@ -79,6 +79,13 @@ class SimpleMLPAdaLN(nn.Module):
             mods.append(tuple(parts))
         return mods
 
+    @staticmethod
+    def per_step(mods: list[tuple[torch.Tensor, ...]]) -> list[list[tuple[torch.Tensor, ...]]]:
+        """Modulations computed for all steps at once (``[steps, rows, width]`` each) -> one list per step,
+        split with one ``unbind`` per tensor instead of an indexing op per step."""
+        split = [tuple(p.unbind(0) for p in m) for m in mods]
+        return [[tuple(p[i] for p in m) for m in split] for i in range(mods[0][0].shape[0])]
+
     def denoise(self, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """The network body, written with functional ops: sampling calls it once per step for a few rows,
         where module-call overhead would cost more than the arithmetic."""
@@ -185,12 +192,12 @@ class DiffusionHead(Head):
         # every step's AdaLN modulations in one batched call per layer: [steps, rows, ...]
         steps = sched.timesteps.to(cond.device)
         t_emb = self.net.time_embed(timestep_features(steps).to(c.dtype))
-        mods = self.net.modulations(t_emb[:, None, :] + c[None])
+        mods = self.net.per_step(self.net.modulations(t_emb[:, None, :] + c[None]))
         step_params = inspect.signature(sched.step).parameters
         for i, t in enumerate(sched.timesteps):
             xin = torch.cat([x, x]) if cfg else x
             xin = xin if linear else sched.scale_model_input(xin, t)  # DDIM's is the identity
-            out = self.net.denoise(xin, [tuple(p[i] for p in m) for m in mods])
+            out = self.net.denoise(xin, mods[i])
             if cfg:
                 oc, ou = out.chunk(2)
                 out = torch.lerp(ou, oc, guidance_scale)  # u + s * (c - u)

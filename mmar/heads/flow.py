@@ -82,10 +82,10 @@ class FlowHead(Head):
         c = self.net.cond_embed(torch.cat([cond, uncond]) if cfg else cond)
         # the condition is fixed: every step's AdaLN modulations in one batched call per layer
         t_emb = self.net.time_embed(timestep_features(ts[:-1] * TIME_SCALE).to(c.dtype))
-        mods = self.net.modulations(t_emb[:, None, :] + c[None])
+        mods = self.net.per_step(self.net.modulations(t_emb[:, None, :] + c[None]))
         dts = (ts[1:] - ts[:-1]).tolist()  # negative: t runs from 1 to 0
         for i, dt in enumerate(dts):
-            v = self.net.denoise(torch.cat([x, x]) if cfg else x, [tuple(p[i] for p in m) for m in mods])
+            v = self.net.denoise(torch.cat([x, x]) if cfg else x, mods[i])
             if cfg:
                 vc, vu = v.chunk(2)
                 v = torch.lerp(vu, vc, guidance_scale)  # u + s * (c - u)

@@ -51,6 +51,10 @@ class DataArguments:
     records, see mmar/training/jsonl.py)."""
     data_files: str | None = None
     """For ``jsonl``: a .jsonl / .json / .parquet file; media paths are relative to it."""
+    streaming: bool = False
+    """For ``jsonl``: stream the records through HF ``datasets`` instead of indexing them (large sets)."""
+    shuffle_buffer: int = 1000
+    """With ``streaming``: records in the shuffle buffer (order a function of seed and epoch)."""
     packing: bool = False
     """Pack samples into rows of ``max_length`` tokens (block-diagonal attention) instead of padding."""
     max_length: int = 256

@@ -43,11 +43,14 @@ def _shapes(split: str, seed: int = 0, **_) -> Dataset:
 
 
 @register_dataset("jsonl")
-def _jsonl(split: str, data_files: str | list[str] | None = None, **_) -> Dataset:
-    from .jsonl import ChatDataset
+def _jsonl(split: str, data_files: str | list[str] | None = None, streaming: bool = False, seed: int = 0,
+           shuffle_buffer: int = 1000, **_) -> Dataset:
+    from .jsonl import ChatDataset, StreamingChatDataset
 
     if not data_files:
         raise ValueError("dataset 'jsonl' needs data_files: a .jsonl / .json / .parquet path")
+    if streaming:
+        return StreamingChatDataset(data_files, split=split, seed=seed, shuffle_buffer=shuffle_buffer)
     return ChatDataset(data_files, split=split)
 
 

@@ -88,6 +88,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(groups: list[dict], lr: float, beta2: float) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where this torch has it for the parameters' device:
+    on a 2-core CPU it takes a quarter of the for-each version's time per step (BENCHMARKS.md)."""
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2), fused=True)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a dtype or device without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2))
+
+
 def checkpoint_dirs(output_dir: str) -> list[str]:
     root = os.path.join(output_dir, CHECKPOINTS)
     if not os.path.isdir(root):
@@ -96,8 +105,10 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[5:]))]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, limit: int) -> None:
-    """``save_state`` into a temporary directory, then rename: a checkpoint is whole or absent."""
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, limit: int,
+                    position: dict | None = None) -> None:
+    """``save_state`` into a temporary directory, then rename: a checkpoint is whole or absent.
+    ``position``: where in the data the run is (for streamed data, whose epochs have no known length)."""
     root = os.path.join(output_dir, CHECKPOINTS)
     final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f".tmp_step_{step}")
     if accelerator.is_main_process:
@@ -106,7 +117,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, limit:
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump({"step": step, **(position or {})}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-limit] if limit > 0 else []:
@@ -135,22 +146,28 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
                       mixed_precision=targs.mixed_precision, project_dir=targs.output_dir,
                       log_with=targs.log_with,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
     if targs.log_with:
         acc.init_trackers("mmar")
     set_seed(targs.seed)
     dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image,
-                            shift_prob=dargs.shift_prob, data_files=dargs.data_files)
+                            shift_prob=dargs.shift_prob, data_files=dargs.data_files, streaming=dargs.streaming,
+                            shuffle_buffer=dargs.shuffle_buffer)
+    stream = getattr(dataset, "is_stream", False)  # an IterableDataset: epochs of unknown length
     model, processor = build_everything(margs, dataset)
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
     collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0,
                         seed=targs.seed)
-    loader = DataLoader(SafeDataset(dataset), batch_size=targs.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collator, num_workers=dargs.num_workers,
-                        generator=torch.Generator().manual_seed(targs.seed))
-    opt = torch.optim.AdamW(param_groups(model, targs.weight_decay), lr=targs.learning_rate,
-                            betas=(0.9, targs.adam_beta2))
+    if stream:  # the dataset shuffles itself (seed, epoch) and yields (index, sample) pairs; the generator
+        # only keeps the loader's per-iterator seed draw off the global RNG, which checkpoints restore
+        loader = DataLoader(dataset, batch_size=targs.batch_size, drop_last=True, collate_fn=collator,
+                            num_workers=dargs.num_workers, generator=torch.Generator().manual_seed(targs.seed))
+    else:
+        loader = DataLoader(SafeDataset(dataset), batch_size=targs.batch_size, shuffle=True, drop_last=True,
+                            collate_fn=collator, num_workers=dargs.num_workers,
+                            generator=torch.Generator().manual_seed(targs.seed))
+    opt = make_optimizer(param_groups(model, targs.weight_decay), targs.learning_rate, targs.adam_beta2)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps, targs.max_steps,
                                                         min_lr_rate=targs.min_lr_ratio)
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
@@ -164,30 +181,38 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         acc.register_for_checkpointing(ema)
     os.makedirs(targs.output_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {len(dataset)} samples, {targs.max_steps} steps")
+    acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {'streamed' if stream else len(dataset)} samples, "
+              f"{targs.max_steps} steps")
 
     step, log_path = 0, os.path.join(targs.output_dir, "log.jsonl")
+    stream_epoch, stream_batches = 0, 0  # streamed data: the epoch, and the loader batches read in it
     ckpt = resolve_checkpoint(targs.output_dir, targs.resume_from_checkpoint)
     if ckpt:
         acc.load_state(ckpt)
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
-            step = json.load(f)["step"]
+            state = json.load(f)
+        step, stream_epoch, stream_batches = state["step"], state.get("epoch", 0), state.get("batches", 0)
         acc.print(f"mmar: resumed from {ckpt} at step {step}")
     elif acc.is_main_process and os.path.exists(log_path):
         os.remove(log_path)
-    steps_per_epoch = len(loader) // targs.gradient_accumulation_steps
+    steps_per_epoch = None if stream else len(loader) // targs.gradient_accumulation_steps
     bar = tqdm(total=targs.max_steps, initial=step, desc="training", disable=not (targs.progress and acc.is_main_process))
     start, tokens, skipped_before, bad_in_a_row = time.time(), 0, 0, 0
     model.train()
     while step < targs.max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        if stream:
+            epoch, skip = stream_epoch, stream_batches
+        else:
+            epoch, done_in_epoch = divmod(step, steps_per_epoch)
+            skip = done_in_epoch * targs.gradient_accumulation_steps
         loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
         collator.epoch = epoch  # per-sample randomness is a function of (seed, epoch, index)
         if hasattr(dataset, "epoch"):
             dataset.epoch = epoch
-        batches = acc.skip_first_batches(loader, done_in_epoch * targs.gradient_accumulation_steps) \
-            if done_in_epoch else loader
+        batches = acc.skip_first_batches(loader, skip) if skip else loader
+        read = skip
         for batch in batches:
+            read += 1
             if batch is None:  # every sample of this batch was bad (counted by the collator)
                 continue
             n_tokens = sum(map(sum, batch.pop("seq_lens"))) if "seq_lens" in batch else int(batch["attention_mask"].sum())
@@ -232,7 +257,8 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
                 if targs.log_with:
                     acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
             if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
-                save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit)
+                save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit,
+                                {"epoch": epoch, "batches": read} if stream else None)
                 if acc.is_main_process:
                     plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
             if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process:
@@ -240,6 +266,11 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
                 model.train()
             if step >= targs.max_steps:
                 break
+        if stream and step < targs.max_steps:
+            if read == 0:
+                raise ValueError(f"{dargs.data_files}: the stream gave no full batch of {targs.batch_size} in epoch "
+                                 f"{epoch}; it has fewer records than the batch size")
+            stream_epoch, stream_batches = epoch + 1, 0
         if collator.skipped > skipped_before:
             acc.print(f"mmar: epoch {epoch}: skipped {collator.skipped - skipped_before} bad sample(s) "
                       f"({collator.skipped} in all); e.g. {'; '.join(dict.fromkeys(collator.reasons))}")
