@@ -68,24 +68,28 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_generate(ns: argparse.Namespace) -> int:
     import torch
 
+    from .media import save_output
     from .pipeline import MMARPipeline
+    from .sequence import Audio
+    from .tokenizers.audio_mel import read_audio
 
     pipe = MMARPipeline.from_pretrained(ns.model)
     images = [pipe.load_image(path) for path in ns.image or []]  # clear error naming a bad file
+    clips = [Audio(*read_audio(path)) for path in ns.audio or []]
     gens = [torch.Generator().manual_seed(ns.seed + i) for i in range(ns.num)]
     settings = {k: getattr(ns, k) for k in ("guidance_scale", "temperature", "max_new_tokens", "num_inference_steps")}
-    out = pipe([ns.prompt] * ns.num, images=[images] * ns.num, mode=ns.mode, generator=gens, **settings)
+    out = pipe([ns.prompt] * ns.num, images=[images] * ns.num, audio=[clips] * ns.num, mode=ns.mode,
+               generator=gens, **settings)
     os.makedirs(ns.output, exist_ok=True)
     used = {k: getattr(pipe.generation_config, k) if v is None else v for k, v in settings.items()}
-    record = {"model": ns.model, "prompt": ns.prompt, "images": ns.image or [], "mode": ns.mode, "seed": ns.seed,
+    record = {"model": ns.model, "prompt": ns.prompt, "images": ns.image or [], "audio": ns.audio or [],
+              "mode": ns.mode, "seed": ns.seed,
               **used, "outputs": []}
     for i, row in enumerate(out.segments):
         files, k = [], 0
         for seg in row:
-            if not isinstance(seg, str):
-                path = os.path.join(ns.output, f"sample{i}_{k}.png")
-                seg.save(path)
-                files.append(path)
+            if not isinstance(seg, str):  # an image (PNG) or an audio clip (WAV)
+                files.append(save_output(seg, os.path.join(ns.output, f"sample{i}_{k}")))
                 k += 1
         record["outputs"].append({"text": out.text[i], "files": files})
         print(f"[{i}] {out.text[i]!r} {' '.join(files)}")
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", help="an input image (repeatable)")
-    p.add_argument("--mode", default="auto", choices=["auto", "text", "image"])
+    p.add_argument("--audio", action="append", help="an input audio clip, WAV / FLAC / ... (repeatable)")
+    p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"])
     p.add_argument("--num", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")

@@ -185,13 +185,36 @@ class MMARPipeline:
             img = ImageOps.fit(img, (size, size), method=PILImage.BOX if smaller else PILImage.BICUBIC)
         return img
 
-    def _prompt(self, prompt: Any, images: list | None) -> list[Message]:
+    def _prompt(self, prompt: Any, media: list | None) -> list[Message]:
         if isinstance(prompt, str):
-            if not prompt.strip() and not images:
-                raise ValueError("empty prompt: give some text or an image")
-            content = [Image(im) for im in images or []] + ([prompt] if prompt.strip() else [])
-            return [Message("user", content)]
+            if not prompt.strip() and not media:
+                raise ValueError("empty prompt: give some text, an image or an audio clip")
+            return [Message("user", list(media or []) + ([prompt] if prompt.strip() else []))]
+        if media:
+            raise ValueError("images= / audio= go with a string prompt; put them in the messages of a conversation")
         return self.messages(prompt)
+
+    @staticmethod
+    def _media_lists(prompts: list, batch: bool, images, audio) -> list[list]:
+        """Per prompt, the segments that go before its text: its images, then its audio clips (a path, an
+        :class:`Audio`, or a ``(waveform, sampling_rate)`` pair)."""
+        def per_prompt(items, what):
+            lists = items if batch else [items]
+            if lists is None:
+                return [[] for _ in prompts]
+            if len(lists) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(lists)} {what} lists")
+            return [list(x or []) for x in lists]
+
+        def clip(a):
+            if isinstance(a, Audio):
+                return a
+            if isinstance(a, tuple) and len(a) == 2:
+                return Audio(*a)
+            return Audio(a)
+
+        return [[Image(im) for im in ims] + [clip(a) for a in clips]
+                for ims, clips in zip(per_prompt(images, "image"), per_prompt(audio, "audio"))]
 
     @staticmethod
     def messages(history: Any) -> list[Message]:
@@ -223,10 +246,10 @@ class MMARPipeline:
         settings.update({k: v for k, v in kwargs.items() if v is not None})
         return settings
 
-    def _run(self, prompts: list, image_lists: list, mode: str, generator, settings: dict, callback=None):
+    def _run(self, prompts: list, media_lists: list, mode: str, generator, settings: dict, callback=None):
         start = mode if mode in self.processor.modality_tokenizers else None
-        enc = [self.processor.encode(self._prompt(p, im), add_generation_prompt=True, start_modality=start)
-               for p, im in zip(prompts, image_lists)]
+        enc = [self.processor.encode(self._prompt(p, media), add_generation_prompt=True, start_modality=start)
+               for p, media in zip(prompts, media_lists)]
         b = self.processor.collate(enc, padding_side="left")
         dev = self.device
         values = {m: v.to(dev) for m, v in b["values"].items()}
@@ -245,7 +268,7 @@ class MMARPipeline:
         return self.processor.decode_item(*item)
 
     @torch.no_grad()
-    def __call__(self, prompt: Any, images: list | None = None, *, mode: str = "auto",
+    def __call__(self, prompt: Any, images: list | None = None, *, audio: list | None = None, mode: str = "auto",
                  max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, guidance_scale: float | None = None,
                  image_temperature: float | None = None, num_inference_steps: int | None = None,
@@ -253,23 +276,21 @@ class MMARPipeline:
         """``prompt``: a string, a conversation (list of messages), or a list of those (a batch). ``images``:
         images that go before the text of a string prompt (one list per prompt in a batch). Sampling
         arguments (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
-        ``image_temperature``, ``num_inference_steps``, ``max_items``) default to ``self.generation_config``."""
-        batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict))
+        ``image_temperature``, ``num_inference_steps``, ``max_items``) default to ``self.generation_config``.
+        ``audio``: audio clips (paths, :class:`Audio`, or ``(waveform, sampling_rate)``) that go after the
+        images, likewise."""
+        batch = bool(isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)))
         prompts = prompt if batch else [prompt]
-        image_lists = images if batch else [images]
-        if image_lists is None:
-            image_lists = [None] * len(prompts)
-        if len(image_lists) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(image_lists)} image lists")
+        media_lists = self._media_lists(prompts, batch, images, audio)
         settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   guidance_scale=guidance_scale, image_temperature=image_temperature,
                                   num_inference_steps=num_inference_steps, max_items=max_items)
-        out = self._run(prompts, image_lists, mode, generator, settings)
+        out = self._run(prompts, media_lists, mode, generator, settings)
         segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]
         latents = [[s for s in row if not isinstance(s, str)] for row in out.segments]
         return MMARPipelineOutput(segments=segments, latents=latents)
 
-    def stream(self, prompt: Any, images: list | None = None, *, mode: str = "auto",
+    def stream(self, prompt: Any, images: list | None = None, *, audio: list | None = None, mode: str = "auto",
                max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
                top_p: float | None = None, guidance_scale: float | None = None,
                image_temperature: float | None = None, num_inference_steps: int | None = None,
@@ -278,6 +299,7 @@ class MMARPipeline:
         sampler produces them. Generation runs in a background thread; closing the iterator stops it."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)):
             raise ValueError("stream() takes one prompt; call the pipeline itself for a batch")
+        media = self._media_lists([prompt], False, images, audio)
         settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                   guidance_scale=guidance_scale, image_temperature=image_temperature,
                                   num_inference_steps=num_inference_steps, max_items=max_items)
@@ -292,7 +314,7 @@ class MMARPipeline:
         def work() -> None:
             try:
                 with torch.no_grad():
-                    self._run([prompt], [images], mode, generator, settings, callback=callback)
+                    self._run([prompt], media, mode, generator, settings, callback=callback)
             except _Cancelled:
                 pass
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there

@@ -180,6 +180,18 @@ def test_tiny_model_trains_and_generates_audio():
     res = pipe("say seven", mode="audio", guidance_scale=1.0, generator=torch.Generator().manual_seed(0))
     clip = res.audios[0][0]
     assert isinstance(clip, Audio) and clip.waveform.shape == (tok.num_samples,) and clip.sampling_rate == 8000
+    # audio= puts clips before the prompt's text, exactly as a conversation that holds them
+    wave = vowel(0.2, f0=200)
+    ask = dict(mode="text", temperature=0.0, max_new_tokens=3)
+    by_kwarg = pipe("which digit is said?", audio=[(wave, SR_IN)], **ask)
+    by_messages = pipe([Message("user", [Audio(wave, SR_IN), "which digit is said?"])], **ask)
+    assert by_kwarg.segments == by_messages.segments
+    batch_out = pipe(["which digit is said?", "say seven"], audio=[[(wave, SR_IN)], None], **ask)
+    assert batch_out.segments[0] == by_kwarg.segments[0]
+    with pytest.raises(ValueError, match="2 prompts but 1 audio lists"):
+        pipe(["a", "b"], audio=[[(wave, SR_IN)]], **ask)
+    with pytest.raises(ValueError, match="go with a string prompt"):
+        pipe([Message("user", "which digit is said?")], audio=[(wave, SR_IN)], **ask)
 
 
 # -- spoken digits (espeak-ng) -------------------------------------------------------------------------

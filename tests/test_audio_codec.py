@@ -12,6 +12,7 @@ from mmar.sequence import Audio
 from mmar.tokenizers import add_modality_tokens, train_bpe_tokenizer
 from mmar.tokenizers.audio_codec import AudioCodecTokenizer, flatten_codes, unflatten_ids
 from tests.conftest import TINY_BACKBONE
+from tests.test_audio import vowel as audio_vowel
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not on PATH (install it with `apt-get install espeak-ng`)")
@@ -28,12 +29,7 @@ def tiny(flatten="delay", **kw):
 
 
 def vowel(seconds=0.2, sr=SR_IN, f0=140.0, seed=0):
-    """Harmonics of a gliding pitch under a smooth envelope, plus a little noise."""
-    t = np.arange(int(seconds * sr)) / sr
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.2 * t / seconds)) / sr
-    wave = sum(np.sin(k * phase) / k for k in range(1, 12)) * np.hanning(len(t))
-    wave += 0.01 * np.random.default_rng(seed).standard_normal(len(t))
-    return (0.4 * wave / np.abs(wave).max()).astype(np.float32)
+    return audio_vowel(seconds, sr, f0, seed)
 
 
 @pytest.fixture(scope="module")

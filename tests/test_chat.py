@@ -149,3 +149,31 @@ def test_chat_saves_generated_audio_as_wav(tmp_path):
     assert {"type": "audio", "path": "talk_1.wav"} in saved["messages"][1]["content"]
     with pytest.raises(ValueError, match="this model takes no images"):
         session.command("!image x.png")
+
+
+def test_generate_takes_and_writes_audio(tmp_path, capsys):
+    """mmar generate --audio clip.wav: the clip goes in before the prompt; a generated clip comes out as WAV."""
+    import numpy as np
+    from tests.conftest import make_tiny
+
+    from mmar.cli import main
+    from mmar.media import save_wav
+    from mmar.sequence import Audio
+
+    model, proc = make_tiny(modalities=AUDIO)
+    model.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    clip = save_wav(Audio(np.sin(np.arange(1024) / 5.0) * 0.5, 8000), tmp_path / "in.wav")
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "say it again", "--audio", clip,
+                 "--mode", "audio", "--num_inference_steps", "2", "--max_new_tokens", "4", "--output", str(out)]) == 0
+    record = json.loads((out / "generation.json").read_text())
+    assert record["audio"] == [clip] and record["mode"] == "audio"
+    files = record["outputs"][0]["files"]
+    assert files and all(f.endswith(".wav") for f in files)  # the untrained model may say more than one
+    for path in files:
+        with wave.open(path) as f:
+            assert (f.getframerate(), f.getnframes()) == (8000, 1024)
+    assert main(["generate", "--model", str(tmp_path / "model"), "--prompt", "x", "--audio",
+                 str(tmp_path / "missing.wav"), "--output", str(out)]) == 2
+    assert "missing.wav" in capsys.readouterr().err
