@@ -34,14 +34,21 @@ DEMO_ARGS ?=
 demo: train
 	$(VENV)/bin/mmar demo --model $(MODEL) $(DEMO_ARGS)
 
-# `make bench`: every benchmark, each rewriting its section of BENCHMARKS.md (about 45 minutes on 2 cores;
-# run it on an otherwise idle machine: the timings are only as quiet as the machine).
+# `make bench`: every benchmark, each rewriting its section of BENCHMARKS.md (about 2 hours on 2 cores, most
+# of it training the models they compare; run it on an otherwise idle machine: the timings are only as quiet
+# as the machine). The [bench] extra brings the baselines (transfusion-pytorch).
 bench: install
+	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/digits_quality.py --output_dir runs/bench-digits
 	$(PY) benchmarks/orthus_table.py --runs runs
 	$(PY) benchmarks/sampling_steps.py --model runs/bench-digits
+	test -f runs/digits-flow/model.safetensors || $(VENV)/bin/mmar train --config configs/digits-flow.yaml --output_dir runs/digits-flow
+	$(PY) benchmarks/flow_vs_diffusion.py --diffusion runs/bench-digits --flow runs/digits-flow
+	$(PY) benchmarks/transfusion.py
+	$(PY) benchmarks/roundtrip.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/finetune.py
+	$(PY) benchmarks/robustness.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
