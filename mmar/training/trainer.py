@@ -159,14 +159,11 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         model = with_lora(model, processor, margs, targs.output_dir, acc)
     collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0,
                         seed=targs.seed)
-    if stream:  # the dataset shuffles itself (seed, epoch) and yields (index, sample) pairs; the generator
-        # only keeps the loader's per-iterator seed draw off the global RNG, which checkpoints restore
-        loader = DataLoader(dataset, batch_size=targs.batch_size, drop_last=True, collate_fn=collator,
-                            num_workers=dargs.num_workers, generator=torch.Generator().manual_seed(targs.seed))
-    else:
-        loader = DataLoader(SafeDataset(dataset), batch_size=targs.batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collator, num_workers=dargs.num_workers,
-                            generator=torch.Generator().manual_seed(targs.seed))
+    # a stream shuffles itself (seed, epoch) and yields (index, sample) pairs; its own generator also keeps
+    # the loader's per-iterator seed draw off the global RNG, which checkpoints restore
+    loader = DataLoader(dataset if stream else SafeDataset(dataset), batch_size=targs.batch_size,
+                        shuffle=not stream, drop_last=True, collate_fn=collator, num_workers=dargs.num_workers,
+                        generator=torch.Generator().manual_seed(targs.seed))
     opt = make_optimizer(param_groups(model, targs.weight_decay), targs.learning_rate, targs.adam_beta2)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps, targs.max_steps,
                                                         min_lr_rate=targs.min_lr_ratio)
