@@ -1,7 +1,7 @@
 """Robustness, the long runs (issue 7: bad input, crashes and load — nothing lost, nothing let in):
 
 1. the fuzz suite (tests/robustness/test_fuzz.py) with ``--fuzz_examples`` cases per test;
-2. ``--trials`` SIGKILL-and-resume trials of `mmar train` on a tiny model (``python -m mmar.training.faults``);
+2. ``--trials`` SIGKILL-and-resume trials of `mmar train` on a tiny model (``python -m tests.robustness.faults``);
    when some do not reproduce the uninterrupted losses, the same trials again with ``--cond_dropout_prob 0``;
 3. the demo under load: ``--sessions`` gradio_client sessions on 127.0.0.1, ``--per_session`` requests
    each in two rounds (the scenario of tests/robustness/test_demo_load.py), RSS of the server measured.
@@ -83,13 +83,13 @@ def tiny_model_and_data(folder: str) -> tuple[str, str]:
 
 
 def kill_resume(trials: int, model_dir: str, data: str, workdir: str, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "mmar.training.faults", "--trials", str(trials), "--workdir", workdir, "--",
+    cmd = [sys.executable, "-m", "tests.robustness.faults", "--trials", str(trials), "--workdir", workdir, "--",
            "--init_from", model_dir, "--dataset", "jsonl", "--data_files", data, "--max_steps", "24",
            "--batch_size", str(BATCH), "--save_steps", "4", "--save_total_limit", "2", "--warmup_steps", "2", *extra]
     start = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     if res.returncode:
-        raise RuntimeError(f"mmar.training.faults failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"tests.robustness.faults failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     for r in rows:
         r["identical"] = r["resume_ok"] and not r["mismatched_steps"] and r["final_step"] == 24

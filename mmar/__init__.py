@@ -4,7 +4,8 @@ from . import attention  # noqa: F401  (registers attn_implementation="xformers"
 from .config import MMARConfig
 from .heads import available_heads, build_head, register_head
 from .modeling import MMARModel, build_model
-from .sequence import Audio, Image, Message, MMARProcessor, Text
+from .sequence import MMARProcessor
+from .types import Audio, Image, Message, Text
 from .tokenizers import available_tokenizers, build_tokenizer, register_tokenizer
 
 __version__ = "0.1.0"

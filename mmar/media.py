@@ -1,45 +1,7 @@
-"""Model outputs to files and uploads to segments, for the front doors (chat, demo): images as PNG,
-audio as 16-bit mono WAV (standard library only)."""
+"""Moved to :mod:`mmar.io`; the old name stays importable (the same module object)."""
 
-from __future__ import annotations
+import sys
 
-import mimetypes
-import os
-import wave
-from typing import Any
+from mmar import io as _moved
 
-import numpy as np
-
-from .sequence import Audio
-
-
-def is_audio_file(path: str | os.PathLike) -> bool:
-    kind, _ = mimetypes.guess_type(os.fspath(path))
-    return bool(kind and kind.startswith("audio/"))
-
-
-def save_wav(audio: Audio, path: str | os.PathLike) -> str:
-    """Write ``audio`` (a float waveform in [-1, 1] and its sampling rate) as a 16-bit PCM WAV file."""
-    if not audio.sampling_rate:
-        raise ValueError("cannot write a WAV file without a sampling rate")
-    samples = np.asarray(audio.waveform, dtype=np.float32).reshape(-1)
-    pcm = (np.clip(np.nan_to_num(samples), -1.0, 1.0) * 32767).round().astype("<i2")
-    with wave.open(os.fspath(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(int(audio.sampling_rate))
-        f.writeframes(pcm.tobytes())
-    return os.fspath(path)
-
-
-def save_output(item: Any, stem: str) -> str:
-    """Save a generated item next to ``stem`` (a path without extension): ``.wav`` for audio, ``.png`` for
-    images. Returns the path written."""
-    if isinstance(item, Audio):
-        return save_wav(item, stem + ".wav")
-    item.save(stem + ".png")
-    return stem + ".png"
-
-
-def kind_of(item: Any) -> str:
-    return "audio" if isinstance(item, Audio) else "image"
+sys.modules[__name__] = _moved

@@ -1,5 +1,5 @@
-"""Built-in datasets that need no download."""
+"""Moved to :mod:`mmar.data` (built-in datasets live in ``mmar/data/``); the old names stay importable."""
 
-from .digits import DIGIT_WORDS, DigitsDataset, digit_images, load_digit_split
+from ..data.builtin import DIGIT_WORDS, DigitsDataset, digit_images, load_digit_split
 
 __all__ = ["DIGIT_WORDS", "DigitsDataset", "digit_images", "load_digit_split"]

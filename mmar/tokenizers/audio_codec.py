@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .audio_mel import AudioMelTokenizer
+from ..types import Audio
 from .base import TOKENIZER_CONFIG_NAME, ModalityTokenizer, register_tokenizer
 
 CODEC_DIR = "codec"
@@ -205,8 +206,6 @@ class AudioCodecTokenizer(ModalityTokenizer):
         return wave[:, 0, : self.num_samples].clamp(-1.0, 1.0)
 
     def decode(self, tokens: torch.Tensor) -> list:
-        from ..sequence import Audio
-
         return [Audio(waveform=w.numpy(), sampling_rate=self.sampling_rate) for w in self.decode_waveforms(tokens)]
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..types import Audio
 from .base import ModalityTokenizer, register_tokenizer
 
 INT_SCALES = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.uint8): 128.0}
@@ -243,7 +244,5 @@ class AudioMelTokenizer(ModalityTokenizer):
         return self.griffin_lim(magnitude).clamp(-1.0, 1.0)
 
     def decode(self, tokens: torch.Tensor) -> list:
-        from ..sequence import Audio
-
         return [Audio(waveform=w.numpy().astype(np.float32), sampling_rate=self.sampling_rate)
                 for w in self.decode_waveforms(tokens)]

@@ -12,7 +12,7 @@ from mmar import MMARModel
 from mmar.cli import main
 from mmar.modeling import MMARModel as _Model
 from mmar.training import DataArguments, ModelArguments, TrainingArguments, train
-from mmar.training.faults import kill_resume_trial, losses
+from .faults import kill_resume_trial, losses
 from tests.conftest import TINY_BACKBONE, TINY_MODALITIES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

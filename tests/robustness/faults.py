@@ -1,7 +1,7 @@
 """Kill-and-resume trials: train, SIGKILL at a random moment, resume from the latest checkpoint, and
 check that nothing was lost beyond one save interval and that the losses after the resume point equal
 those of an uninterrupted run. Used by the robustness tests (a few trials) and by
-``python -m mmar.training.faults`` for long runs."""
+``python -m tests.robustness.faults`` for long runs."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def kill_resume_trial(cmd: list[str], out: str, reference: dict[int, float], sav
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     logged = max(losses(out), default=0)
-    from .trainer import checkpoint_dirs
+    from mmar.training.trainer import checkpoint_dirs
 
     ckpts = checkpoint_dirs(out)
     resumed_from = int(os.path.basename(ckpts[-1])[5:]) if ckpts else 0

@@ -1,0 +1,294 @@
+"""``mmar`` command line: train, eval, generate, chat, demo, env."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .chat import COMMANDS as COMMANDS_HELP
+
+EXAMPLES = """examples:
+  mmar train --config configs/digits.yaml
+  mmar train --config configs/digits.yaml --max_steps 200 --output_dir runs/quick
+  mmar train --config configs/finetune-lora.yaml --data_files my_chats.jsonl
+  mmar merge-lora --adapter runs/lora --output runs/merged
+  mmar eval --model runs/digits --task digits --output metrics.json
+  mmar generate --model runs/digits --prompt "draw the digit seven" --mode image --output out/
+  mmar chat --model runs/digits --image digit.png
+  mmar demo --model runs/digits --port 7860
+  mmar env
+"""
+GENERATE_EXAMPLES = """examples:
+  mmar generate --model runs/digits --prompt "draw the digit seven" --mode image --num 4 --output out/
+  mmar generate --model runs/digits --prompt "which digit is this?" --image digit.png --mode text --temperature 0
+  mmar generate --model runs/digits --prompt "a 3 and then a 4:" --guidance_scale 3
+
+Images go to OUTPUT/sample<i>_<k>.png, and OUTPUT/generation.json records the prompt, settings and outputs.
+"""
+CHAT_EXAMPLES = """examples:
+  mmar chat --model runs/digits
+  mmar chat --model runs/digits --image digit.png --temperature 0
+  echo "draw the digit seven" | mmar chat --model runs/digits --output_dir out/chat
+
+Type a message and press Enter; the reply streams in. Images the model draws are saved under
+--output_dir and their paths printed.
+
+""" + COMMANDS_HELP
+DEMO_EXAMPLES = """examples:
+  mmar demo --model runs/digits                      # http://127.0.0.1:7860
+  mmar demo --model runs/digits --port 8080 --max_new_tokens 32
+  mmar demo --model runs/digits --host 0.0.0.0       # reachable from other machines: mind who can reach it
+
+The demo has a Chat tab (upload images, streamed replies), a Generate tab (prompt, guidance scale,
+steps, seed, number of images) and the model's details. Needs the demo extra: pip install "mmar[demo]".
+"""
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from ..training.arguments import parse_arguments
+    from ..training.trainer import train
+
+    train(*parse_arguments(ns))
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from ..eval import evaluate
+
+    sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts") if getattr(ns, k) is not None}
+    metrics = evaluate(ns.task, ns.model, output=ns.output, grid=ns.grid, guidance_scale=ns.guidance_scale,
+                       image_temperature=ns.image_temperature, num_inference_steps=ns.num_inference_steps,
+                       seed=ns.seed, **sizes)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    import torch
+
+    from ..io import save_output
+    from ..pipeline import MMARPipeline
+    from ..types import Audio
+    from ..tokenizers.audio_mel import read_audio
+
+    pipe = MMARPipeline.from_pretrained(ns.model)
+    images = [pipe.load_image(path) for path in ns.image or []]  # clear error naming a bad file
+    clips = [Audio(*read_audio(path)) for path in ns.audio or []]
+    gens = [torch.Generator().manual_seed(ns.seed + i) for i in range(ns.num)]
+    settings = {k: getattr(ns, k) for k in ("guidance_scale", "temperature", "max_new_tokens", "num_inference_steps")}
+    out = pipe([ns.prompt] * ns.num, images=[images] * ns.num, audio=[clips] * ns.num, mode=ns.mode,
+               generator=gens, **settings)
+    os.makedirs(ns.output, exist_ok=True)
+    used = {k: getattr(pipe.generation_config, k) if v is None else v for k, v in settings.items()}
+    record = {"model": ns.model, "prompt": ns.prompt, "images": ns.image or [], "audio": ns.audio or [],
+              "mode": ns.mode, "seed": ns.seed,
+              **used, "outputs": []}
+    for i, row in enumerate(out.segments):
+        files, k = [], 0
+        for seg in row:
+            if not isinstance(seg, str):  # an image (PNG) or an audio clip (WAV)
+                files.append(save_output(seg, os.path.join(ns.output, f"sample{i}_{k}")))
+                k += 1
+        record["outputs"].append({"text": out.text[i], "files": files})
+        print(f"[{i}] {out.text[i]!r} {' '.join(files)}")
+    with open(os.path.join(ns.output, "generation.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return 0
+
+
+def cmd_train_tokenizer(ns: argparse.Namespace) -> int:
+    from ..training.arguments import load_yaml
+    from ..training.tokenizer_trainer import train_tokenizer
+
+    config = load_yaml(ns.config)
+    if ns.output_dir:
+        config["output_dir"] = ns.output_dir
+    report = train_tokenizer(config)
+    print(json.dumps({k: v for k, v in report.items() if k != "fit_history"}, indent=2))
+    return 0
+
+
+def cmd_merge_lora(ns: argparse.Namespace) -> int:
+    from ..training.lora import merge_lora
+
+    print(f"merged model written to {merge_lora(ns.adapter, ns.output, ns.base)}")
+    return 0
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    from .chat import ChatSession
+    from ..pipeline import MMARPipeline
+
+    pipe = MMARPipeline.from_pretrained(ns.model)
+    pipe.set_progress_bar_config(disable=True)
+    session = ChatSession(pipe, ns.output_dir, seed=ns.seed, memory=ns.memory, mode=ns.mode,
+                          temperature=ns.temperature, guidance_scale=ns.guidance_scale,
+                          max_new_tokens=ns.max_new_tokens, num_inference_steps=ns.num_inference_steps)
+    for path in ns.image or []:
+        session.attach_image(path)
+    for path in ns.audio or []:
+        session.attach_audio(path)
+    return session.run()
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from ..pipeline import MMARPipeline
+
+    pipe = MMARPipeline.from_pretrained(ns.model)
+    try:
+        from .demo import build_demo, digits_examples, launch
+    except ImportError as e:
+        print(f"mmar demo: error: the demo needs gradio ({e}); install it with: pip install 'mmar[demo]'",
+              file=sys.stderr)
+        return 2
+    chat_examples, prompt_examples = digits_examples() if ns.examples == "digits" else (None, None)
+    demo = build_demo(pipe, max_new_tokens=ns.max_new_tokens, max_prompt_chars=ns.max_prompt_chars,
+                      queue_size=ns.queue_size, chat_memory=ns.memory, chat_examples=chat_examples,
+                      prompt_examples=prompt_examples)
+    try:
+        launch(demo, host=ns.host, port=ns.port, share=ns.share)
+    except OSError as e:
+        print(f"mmar demo: error: cannot serve on {ns.host}:{ns.port} ({e}); pick another --port",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_env(ns: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    for name in ("torch", "transformers", "diffusers", "accelerate", "peft", "tokenizers", "safetensors",
+                 "xformers", "gradio", "sklearn"):
+        try:
+            mod = __import__(name)
+            print(f"{name:13s} {getattr(mod, '__version__', '?')}")
+        except Exception as e:  # noqa: BLE001 - report any import failure as missing
+            print(f"{name:13s} not available ({type(e).__name__})")
+    print(f"cuda          {torch.cuda.is_available()} ({torch.cuda.device_count()} devices)")
+    print(f"cpu threads   {torch.get_num_threads()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..training.arguments import add_arguments
+
+    parser = argparse.ArgumentParser(prog="mmar", description="unified multimodal autoregressive models",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train or fine-tune a model", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model on a built-in task", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory")
+    from ..eval import TASKS
+
+    p.add_argument("--task", default="digits", choices=list(TASKS))
+    p.add_argument("--output", help="write the metrics here as JSON")
+    p.add_argument("--grid", help="write the generated images here as a PNG grid (default: next to --output)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the model's setting)")
+    p.add_argument("--image_temperature", type=float, default=None,
+                   help="the diffusion head's sampling temperature (default: the model's setting)")
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--per_digit", type=int, default=None,
+                   help="digits, spoken-digits: generated items per digit (default 10)")
+    p.add_argument("--num_prompts", type=int, default=None, help="shapes: generated images (default 120)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text and images from a prompt", epilog=GENERATE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", help="an input image (repeatable)")
+    p.add_argument("--audio", action="append", help="an input audio clip, WAV / FLAC / ... (repeatable)")
+    p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"])
+    p.add_argument("--num", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
+    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--output", default="outputs")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal", epilog=CHAT_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--image", action="append", metavar="PATH", help="attach an image to the first message")
+    p.add_argument("--audio", action="append", metavar="PATH", help="attach an audio clip to the first message")
+    p.add_argument("--output_dir", default=os.path.join("outputs", "chat"), help="where generated images go")
+    p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"],
+                   help="auto: the model chooses between text and images / audio")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")
+    p.add_argument("--max_new_tokens", type=int, default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", type=_bool, default=False, metavar="BOOL",
+                   help="send earlier turns to the model too (for models trained on multi-turn chats; "
+                        "the built-in digits model answers each message on its own)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="serve the Gradio demo", epilog=DEMO_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", type=_bool, default=False, metavar="BOOL", help="make a public gradio.live link")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="upper limit of the reply length")
+    p.add_argument("--max_prompt_chars", type=int, default=500, help="longest prompt accepted")
+    p.add_argument("--queue_size", type=int, default=16, help="requests waiting at most; more are refused")
+    p.add_argument("--memory", type=_bool, default=False, metavar="BOOL",
+                   help="the Chat tab's 'remember earlier turns' default (see mmar chat --help)")
+    p.add_argument("--examples", default="digits", choices=["digits", "none"],
+                   help="example prompts shown under the inputs (default: the built-in digits task's)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train-tokenizer", help="learn a tokenizer's weights (e.g. the image-vq codebook)",
+                       epilog="example:\n  mmar train-tokenizer --config configs/vq-digits.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML: tokenizer spec, dataset, steps, batch_size, output_dir")
+    p.add_argument("--output_dir", help="overrides the config's output_dir")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model",
+                       epilog="example:\n  mmar merge-lora --adapter runs/lora --output runs/merged",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="adapter directory written by `mmar train` with lora")
+    p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--output", required=True, help="where to write the merged model")
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("env", help="print versions and devices", epilog="example:\n  mmar env",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_env)
+
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except (OSError, ValueError, TypeError) as e:
+        print(f"mmar {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmar {ns.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
