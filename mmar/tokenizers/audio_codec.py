@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .audio_mel import AudioMelTokenizer
 from ..types import Audio
@@ -54,25 +55,25 @@ def flatten_codes(codes: torch.Tensor, codebook_size: int, pattern: str) -> torc
     b, q, t = codes.shape
     ids = codes.long() + codebook_size * torch.arange(q, device=codes.device)[None, :, None]
     if pattern == "frame":
-        return ids.transpose(1, 2).reshape(b, t * q)
+        return rearrange(ids, "b q t -> b (t q)")
     grid = torch.full((b, t + q - 1, q), q * codebook_size, dtype=torch.long, device=codes.device)
-    for k in range(q):
+    for k in range(q):  # codebook k delayed by k steps
         grid[:, k: k + t, k] = ids[:, k]
-    return grid.reshape(b, -1)
+    return rearrange(grid, "b s q -> b (s q)")
 
 
 def unflatten_ids(ids: torch.Tensor, codebook_size: int, num_codebooks: int, pattern: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids ``[B, num_tokens]`` -> codes ``[B, Q, T]`` and a mask of the valid ones. Ids of another
     codebook keep their code index; pad / out-of-range ids are invalid (their code reads as 0)."""
-    b, n, q = ids.shape[0], ids.shape[1], num_codebooks
-    grid = ids.long().reshape(b, n // q, q)
+    n, q = ids.shape[1], num_codebooks
+    grid = rearrange(ids.long(), "b (s q) -> b s q", q=q)
     if pattern == "delay":
         t = n // q - q + 1
         grid = torch.stack([grid[:, k: k + t, k] for k in range(q)], dim=2)
     valid = (grid >= 0) & (grid < q * codebook_size)
     codes = torch.where(valid, grid.remainder(codebook_size), torch.zeros_like(grid))
-    return codes.transpose(1, 2), valid.transpose(1, 2)
+    return rearrange(codes, "b t q -> b q t"), rearrange(valid, "b t q -> b q t")
 
 
 @register_tokenizer("audio-codec")
@@ -260,7 +261,7 @@ class AudioCodecTokenizer(ModalityTokenizer):
                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Straight-through residual VQ of ``[B, D, T]`` with EMA codebook updates; returns the
         quantized latents (gradients pass to the encoder unchanged) and the commitment loss."""
-        flat = latents.transpose(1, 2).reshape(-1, latents.shape[1])
+        flat = rearrange(latents, "b d t -> (b t) d")
         residual, quantized, commit = flat, torch.zeros_like(flat), flat.new_zeros(())
         for cb in self._codebooks():
             with torch.no_grad():
@@ -283,7 +284,7 @@ class AudioCodecTokenizer(ModalityTokenizer):
             quantized = quantized + vec
             residual = residual - vec
         quantized = flat + (quantized - flat).detach()
-        return quantized.reshape(latents.shape[0], latents.shape[2], -1).transpose(1, 2), commit
+        return rearrange(quantized, "(b t) d -> b d t", b=latents.shape[0]), commit
 
     def fit(self, items: torch.Tensor, steps: int = 1500, batch_size: int = 16, seed: int = 0, lr: float = 2e-3,
             decay: float = 0.95, commitment_weight: float = 1.0, dead_threshold: float = 0.05,
@@ -302,7 +303,7 @@ class AudioCodecTokenizer(ModalityTokenizer):
         with torch.no_grad():
             sample = items[torch.randperm(len(items), generator=g)[: max(batch_size, 64)]]
             lat = codec.encoder(sample[:, None])
-            lat = lat.transpose(1, 2).reshape(-1, lat.shape[1])
+            lat = rearrange(lat, "b d t -> (b t) d")
             self._kmeans_init(lat[torch.randperm(len(lat), generator=g)[:KMEANS_VECTORS]], g)
         params = list(codec.encoder.parameters()) + list(codec.decoder.parameters())
         opt = torch.optim.Adam(params, lr=lr, betas=(0.8, 0.99))

@@ -24,6 +24,7 @@ import torch
 
 from ..types import Audio
 from .base import ModalityTokenizer, register_tokenizer
+from .layout import frames_to_tokens, tokens_to_frames
 
 INT_SCALES = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.uint8): 128.0}
 MAX_CHANNELS = 8  # a 2-D array with more than this many "channels" is a mistake, not multichannel audio
@@ -203,12 +204,10 @@ class AudioMelTokenizer(ModalityTokenizer):
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """``[B, num_samples]`` -> ``[B, num_tokens, frames_per_token * n_mels]``."""
-        x = self.log_mel(batch).transpose(1, 2)  # B, frames, mels
-        return x.reshape(x.shape[0], self.num_tokens(), self.token_dim)
+        return frames_to_tokens(self.log_mel(batch), self.frames_per_token)
 
     def tokens_to_log_mel(self, tokens: torch.Tensor) -> torch.Tensor:
-        b = tokens.shape[0]
-        return tokens.float().reshape(b, self.num_frames, self.n_mels).transpose(1, 2)
+        return tokens_to_frames(tokens.float(), self.frames_per_token)
 
     # -- log-mel -> waveform -------------------------------------------------------------------
     def linear_magnitude(self, mel_power: torch.Tensor) -> torch.Tensor:

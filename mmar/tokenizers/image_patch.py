@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .base import ModalityTokenizer, register_tokenizer
+from .layout import patchify, unpatchify
 
 _MODES = {1: "L", 3: "RGB"}
 
@@ -101,15 +102,10 @@ class ImagePatchTokenizer(ModalityTokenizer):
     # -- pixels <-> tokens ---------------------------------------------------------------------
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` in [0, 1] -> ``[B, grid*grid, p*p*C]`` normalised."""
-        b, c, p, g = batch.shape[0], self.channels, self.patch_size, self.grid
-        x = (batch - self.mean) / self.std
-        x = x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1)  # B, gh, gw, ph, pw, C
-        return x.reshape(b, g * g, p * p * c)
+        return patchify((batch - self.mean) / self.std, self.patch_size)
 
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, c, p, g = tokens.shape[0], self.channels, self.patch_size, self.grid
-        x = tokens.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
-        return x * self.std + self.mean
+        return unpatchify(tokens, self.grid, self.grid, self.patch_size) * self.std + self.mean
 
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         return [self.to_pil(x) for x in self.decode_pixels(tokens.float())]

@@ -23,6 +23,7 @@ import torch
 
 from .base import ModalityTokenizer, register_tokenizer
 from .image_patch import ImagePatchTokenizer
+from .layout import patchify, unpatchify
 
 VAE_DIR = "vae"
 LOSSES = ("l1", "mse")
@@ -99,15 +100,11 @@ class ImageVAETokenizer(ModalityTokenizer):
         dist = self.vae.encode(batch.to(self.vae.dtype) * 2 - 1).latent_dist
         z = dist.sample() if self.sample_posterior else dist.mode()
         z = (z - self.shift_factor) * self.scaling_factor
-        b, c, p, g = z.shape[0], self.channels, self.patch_size, self.grid
-        z = z.reshape(b, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1)
-        return z.reshape(b, g * g, p * p * c).float()
+        return patchify(z, self.patch_size).float()
 
     @torch.no_grad()
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, c, p, g = tokens.shape[0], self.channels, self.patch_size, self.grid
-        z = tokens.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
-        z = z / self.scaling_factor + self.shift_factor
+        z = unpatchify(tokens, self.grid, self.grid, self.patch_size) / self.scaling_factor + self.shift_factor
         return (self.vae.decode(z.to(self.vae.dtype)).sample.float() + 1) / 2
 
     def decode(self, tokens: torch.Tensor) -> list:
