@@ -22,6 +22,7 @@ import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from .adapters import LoraLoaderMixin, is_adapter_dir, load_adapter_pipeline
 from .generation import generate
 from .modeling import MMARModel
 from .sequence import Audio, Image, Message, MMARProcessor, Text, as_messages
@@ -133,7 +134,7 @@ class _Cancelled(Exception):
     """Raised inside the sampler's callback when the consumer of :meth:`MMARPipeline.stream` went away."""
 
 
-class MMARPipeline:
+class MMARPipeline(LoraLoaderMixin):
     def __init__(self, model: MMARModel, processor: MMARProcessor, generation_config: GenerationDefaults | None = None):
         self.model, self.processor = model.eval(), processor
         self.generation_config = generation_config or GenerationDefaults.for_model(model.config)
@@ -145,8 +146,11 @@ class MMARPipeline:
                         dtype: torch.dtype | str = torch.float32) -> MMARPipeline:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such model directory")
+        if is_adapter_dir(directory):  # a LoRA run's output: its base + the adapter (mmar/adapters.py)
+            return load_adapter_pipeline(cls, directory, device, dtype if not isinstance(dtype, str)
+                                         else getattr(torch, dtype))
         if not os.path.isfile(os.path.join(directory, "config.json")):
-            raise FileNotFoundError(f"{directory}: not a model directory (no config.json; train one with `mmar train`)")
+            raise FileNotFoundError(f"{directory}: not a model directory (no config.json or adapter_config.json; train one with `mmar train`)")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         model = MMARModel.from_pretrained(directory, dtype=dtype).to(device)
@@ -154,6 +158,8 @@ class MMARPipeline:
         return cls(model, MMARProcessor.from_pretrained(directory), defaults)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        if self._peft is not None:  # adapters loaded: write the active one as an adapter directory
+            return self.save_lora_weights(directory)
         self.model.save_pretrained(directory)
         self.processor.save_pretrained(directory)
         self.generation_config.save_pretrained(directory)

@@ -10,7 +10,6 @@ directory loads with plain ``PeftModel.from_pretrained`` and merges with
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..modeling import MMARModel
@@ -51,20 +50,10 @@ def apply_lora(model: MMARModel, spec: dict, base_path: str | None = None):
 
 def load_adapter(adapter_dir: str, base_dir: str | None = None):
     """``PeftModel.from_pretrained(MMARModel.from_pretrained(base), adapter_dir)``; ``base`` defaults to
-    the adapter config's ``base_model_name_or_path``."""
-    from peft import PeftModel
+    the adapter config's ``base_model_name_or_path``, then ``adapter_dir/base`` (see mmar/adapters.py)."""
+    from ..adapters import load_peft_model
 
-    cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, not a LoRA adapter directory")
-    if base_dir is None:
-        with open(cfg_path) as f:
-            base_dir = json.load(f).get("base_model_name_or_path")
-        if not base_dir or not os.path.isdir(base_dir):
-            raise FileNotFoundError(f"{cfg_path}: base model {base_dir!r} not found; pass the base directory")
-    if not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (pickled adapters are not loaded)")
-    return PeftModel.from_pretrained(MMARModel.from_pretrained(base_dir), adapter_dir)
+    return load_peft_model(adapter_dir, base_dir)
 
 
 def merge_lora(adapter_dir: str, output_dir: str, base_dir: str | None = None) -> str:
