@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   mmar train --config configs/finetune-lora.yaml --data_files my_chats.jsonl
   mmar merge-lora --adapter runs/lora --output runs/merged
   mmar eval --model runs/digits --task digits --output metrics.json
+  mmar eval --model runs/lora --task jsonl --data_files held_out.jsonl
   mmar generate --model runs/digits --prompt "draw the digit seven" --mode image --output out/
   mmar chat --model runs/digits --image digit.png
   mmar demo --model runs/digits --port 7860
@@ -57,7 +58,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from ..eval import evaluate
 
-    sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts") if getattr(ns, k) is not None}
+    sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts", "data_files", "max_samples")
+             if getattr(ns, k) is not None}
     metrics = evaluate(ns.task, ns.model, output=ns.output, grid=ns.grid, guidance_scale=ns.guidance_scale,
                        image_temperature=ns.image_temperature, num_inference_steps=ns.num_inference_steps,
                        seed=ns.seed, **sizes)
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per_digit", type=int, default=None,
                    help="digits, spoken-digits: generated items per digit (default 10)")
     p.add_argument("--num_prompts", type=int, default=None, help="shapes: generated images (default 120)")
+    p.add_argument("--data_files", default=None,
+                   help="jsonl: your held-out chat records (the last assistant message is the reference)")
+    p.add_argument("--max_samples", type=int, default=None, help="jsonl: evaluate the first N records only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 

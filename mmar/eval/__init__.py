@@ -1,10 +1,10 @@
-"""Automatic evaluators for the built-in tasks."""
+"""Automatic evaluators for the built-in tasks, and ``jsonl`` (alias ``chat``) for a user's own records."""
 
 from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("digits", "spoken-digits", "shapes")
+TASKS = ("digits", "spoken-digits", "shapes", "jsonl", "chat")
 
 
 def evaluate(task: str, model_dir: str, **kwargs) -> dict[str, Any]:
@@ -20,4 +20,8 @@ def evaluate(task: str, model_dir: str, **kwargs) -> dict[str, Any]:
         from .shapes import evaluate_shapes
 
         return evaluate_shapes(model_dir, **kwargs)
+    if task in ("jsonl", "chat"):
+        from .jsonl import evaluate_jsonl
+
+        return evaluate_jsonl(model_dir, **kwargs)
     raise ValueError(f"unknown task {task!r}; built in: {', '.join(TASKS)}")
