@@ -1,18 +1,23 @@
 """The training loop: one accelerate loop for pre-training and fine-tuning.
 
 AdamW with warm-up + cosine decay, gradient accumulation, clipping, mixed
-precision, periodic ``save_state`` checkpoints (written atomically, oldest
-pruned), ``resume_from_checkpoint``, a progress bar, a JSONL log, a loss-curve
-PNG and sample grids, and a final ``save_pretrained`` directory.
+precision, periodic checkpoints (:mod:`mmar.training.checkpoints`),
+``resume_from_checkpoint``, a progress bar, a JSONL log, a loss-curve PNG and
+sample grids, and a final ``save_pretrained`` directory.
+
+``train`` runs named steps on one :class:`Run`: :func:`setup`, :func:`resume`,
+then :func:`run_epoch` (each batch through :func:`train_step`, then
+:func:`after_step` / :func:`log_step`) until ``max_steps``, and :func:`finish`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -25,11 +30,10 @@ from ..modeling import build_model
 from ..sequence import MMARProcessor
 from ..tokenizers import add_modality_tokens, build_tokenizer, train_bpe_tokenizer
 from .arguments import DataArguments, ModelArguments, TrainingArguments
+from .checkpoints import (  # noqa: F401 - CHECKPOINTS, checkpoint_dirs stay importable from here
+    CHECKPOINTS, checkpoint_dirs, read_trainer_state, resolve_checkpoint, save_checkpoint)
 from .data import Collator, SafeDataset, build_dataset
 from .pictures import plot_loss_curve, preview_grid
-
-CHECKPOINTS = "checkpoints"
-
 
 def build_text_tokenizer(margs: ModelArguments, dataset):
     path = margs.text_tokenizer or margs.backbone_path
@@ -97,73 +101,70 @@ def make_optimizer(groups: list[dict], lr: float, beta2: float) -> torch.optim.A
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2))
 
 
-def checkpoint_dirs(output_dir: str) -> list[str]:
-    root = os.path.join(output_dir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    found = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()]
-    return [os.path.join(root, d) for d in sorted(found, key=lambda d: int(d[5:]))]
+@dataclass
+class Run:
+    """What one training run holds: built by :func:`setup`, moved on by the loop's steps."""
+
+    acc: Accelerator
+    model: torch.nn.Module
+    processor: MMARProcessor
+    dataset: Any
+    collator: Collator
+    loader: DataLoader
+    opt: torch.optim.Optimizer
+    sched: Any
+    ema: Any = None
+    stream: bool = False  # an IterableDataset: epochs of unknown length
+    log_path: str = ""
+    step: int = 0
+    stream_epoch: int = 0  # streamed data: the epoch, and the loader batches read in it
+    stream_batches: int = 0
+    tokens: int = 0
+    skipped_before: int = 0
+    bad_in_a_row: int = 0
+    grad_norm: Any = None
+    start: float = field(default_factory=time.time)
+    bar: Any = None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, limit: int,
-                    position: dict | None = None) -> None:
-    """``save_state`` into a temporary directory, then rename: a checkpoint is whole or absent.
-    ``position``: where in the data the run is (for streamed data, whose epochs have no known length)."""
-    root = os.path.join(output_dir, CHECKPOINTS)
-    final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f".tmp_step_{step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, **(position or {})}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(output_dir)[:-limit] if limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def resolve_checkpoint(output_dir: str, which: str | None) -> str | None:
-    if not which:
-        return None
-    if which == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(which, "trainer_state.json")):
-        raise FileNotFoundError(f"{which}: not a complete mmar checkpoint (no trainer_state.json)")
-    return which
-
-
-def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> str:
-    """Train and return the directory of the final model (loadable by ``MMARModel.from_pretrained``)."""
-    if targs.num_threads:
-        torch.set_num_threads(targs.num_threads)
-    from ..pipeline import GenerationDefaults
-
-    GenerationDefaults.for_model(None, **targs.generation)  # a typo in `generation` fails now, not after training
+def make_accelerator(targs: TrainingArguments) -> Accelerator:
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
                       mixed_precision=targs.mixed_precision, project_dir=targs.output_dir,
                       log_with=targs.log_with,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
     if targs.log_with:
         acc.init_trackers("mmar")
-    set_seed(targs.seed)
+    return acc
+
+
+def make_data(dargs: DataArguments, targs: TrainingArguments):
+    """The training dataset (indexed or streamed) and whether it is a stream."""
     dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image,
                             shift_prob=dargs.shift_prob, data_files=dargs.data_files, streaming=dargs.streaming,
                             shuffle_buffer=dargs.shuffle_buffer)
-    stream = getattr(dataset, "is_stream", False)  # an IterableDataset: epochs of unknown length
+    return dataset, getattr(dataset, "is_stream", False)
+
+
+def make_loader(dataset, stream: bool, collator: Collator, dargs: DataArguments,
+                targs: TrainingArguments) -> DataLoader:
+    # a stream shuffles itself (seed, epoch) and yields (index, sample) pairs; its own generator also keeps
+    # the loader's per-iterator seed draw off the global RNG, which checkpoints restore
+    return DataLoader(dataset if stream else SafeDataset(dataset), batch_size=targs.batch_size,
+                      shuffle=not stream, drop_last=True, collate_fn=collator, num_workers=dargs.num_workers,
+                      generator=torch.Generator().manual_seed(targs.seed))
+
+
+def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> Run:
+    """Accelerator, data, model, optimizer and schedule, prepared; EMA if asked."""
+    acc = make_accelerator(targs)
+    set_seed(targs.seed)
+    dataset, stream = make_data(dargs, targs)
     model, processor = build_everything(margs, dataset)
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
     collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0,
                         seed=targs.seed)
-    # a stream shuffles itself (seed, epoch) and yields (index, sample) pairs; its own generator also keeps
-    # the loader's per-iterator seed draw off the global RNG, which checkpoints restore
-    loader = DataLoader(dataset if stream else SafeDataset(dataset), batch_size=targs.batch_size,
-                        shuffle=not stream, drop_last=True, collate_fn=collator, num_workers=dargs.num_workers,
-                        generator=torch.Generator().manual_seed(targs.seed))
+    loader = make_loader(dataset, stream, collator, dargs, targs)
     opt = make_optimizer(param_groups(model, targs.weight_decay), targs.learning_rate, targs.adam_beta2)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps, targs.max_steps,
                                                         min_lr_rate=targs.min_lr_ratio)
@@ -180,109 +181,174 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     n_params = sum(p.numel() for p in model.parameters())
     acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {'streamed' if stream else len(dataset)} samples, "
               f"{targs.max_steps} steps")
+    return Run(acc, model, processor, dataset, collator, loader, opt, sched, ema=ema, stream=stream,
+               log_path=os.path.join(targs.output_dir, "log.jsonl"))
 
-    step, log_path = 0, os.path.join(targs.output_dir, "log.jsonl")
-    stream_epoch, stream_batches = 0, 0  # streamed data: the epoch, and the loader batches read in it
+
+def resume(run: Run, targs: TrainingArguments) -> None:
+    """Load the checkpoint asked for (if any) and move the run's position there; a fresh run starts a
+    fresh log."""
     ckpt = resolve_checkpoint(targs.output_dir, targs.resume_from_checkpoint)
     if ckpt:
-        acc.load_state(ckpt)
-        with open(os.path.join(ckpt, "trainer_state.json")) as f:
-            state = json.load(f)
-        step, stream_epoch, stream_batches = state["step"], state.get("epoch", 0), state.get("batches", 0)
-        acc.print(f"mmar: resumed from {ckpt} at step {step}")
-    elif acc.is_main_process and os.path.exists(log_path):
-        os.remove(log_path)
-    steps_per_epoch = None if stream else len(loader) // targs.gradient_accumulation_steps
-    bar = tqdm(total=targs.max_steps, initial=step, desc="training", disable=not (targs.progress and acc.is_main_process))
-    start, tokens, skipped_before, bad_in_a_row = time.time(), 0, 0, 0
-    model.train()
-    while step < targs.max_steps:
-        if stream:
-            epoch, skip = stream_epoch, stream_batches
-        else:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            skip = done_in_epoch * targs.gradient_accumulation_steps
-        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
-        collator.epoch = epoch  # per-sample randomness is a function of (seed, epoch, index)
-        if hasattr(dataset, "epoch"):
-            dataset.epoch = epoch
-        batches = acc.skip_first_batches(loader, skip) if skip else loader
-        read = skip
-        for batch in batches:
-            read += 1
-            if batch is None:  # every sample of this batch was bad (counted by the collator)
-                continue
-            n_tokens = sum(map(sum, batch.pop("seq_lens"))) if "seq_lens" in batch else int(batch["attention_mask"].sum())
-            batch.pop("sample_index", None)
-            with acc.accumulate(model):
-                out = model(**batch)
-                if not finite_everywhere(acc, out.loss):
-                    bad_in_a_row += 1
-                    opt.zero_grad(set_to_none=True)
-                    if bad_in_a_row >= targs.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{bad_in_a_row} steps in a row had a NaN / inf loss (last at step {step + 1}); "
-                            "stopping. Lower the learning rate, check the data, or resume from a checkpoint.")
-                    warnings.warn(f"step {step + 1}: loss is {out.loss.item()}; skipping this batch "
-                                  f"({bad_in_a_row} in a row, the run stops at {targs.max_bad_steps})")
-                    continue
-                bad_in_a_row = 0
-                acc.backward(out.loss)
-                if acc.sync_gradients and targs.max_grad_norm:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), targs.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            tokens += n_tokens
-            if not acc.sync_gradients:
-                continue
-            if ema is not None:
-                ema.update_parameters(acc.unwrap_model(model))
-            step += 1
-            bar.update(1)
-            if step % targs.logging_steps == 0 or step == targs.max_steps:
-                parts = torch.stack([out.loss.detach(), out.text_loss, *out.modality_losses.values()])
-                parts = acc.reduce(parts, "mean").tolist()  # averaged over processes
-                row = {"step": step, "loss": parts[0], "text_loss": parts[1],
-                       **{f"{m}_loss": v for m, v in zip(out.modality_losses, parts[2:])},
-                       "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "elapsed_s": round(time.time() - start, 2), "tokens_per_s": round(tokens / (time.time() - start))}
-                bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
-                if acc.is_main_process:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if targs.log_with:
-                    acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
-            if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
-                save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit,
-                                {"epoch": epoch, "batches": read} if stream else None)
-                if acc.is_main_process:
-                    plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
-            if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process:
-                preview(acc.unwrap_model(model), processor, dataset, targs, f"step_{step}")
-                model.train()
-            if step >= targs.max_steps:
-                break
-        if stream and step < targs.max_steps:
-            if read == 0:
-                raise ValueError(f"{dargs.data_files}: the stream gave no full batch of {targs.batch_size} in epoch "
-                                 f"{epoch}; it has fewer records than the batch size")
-            stream_epoch, stream_batches = epoch + 1, 0
-        if collator.skipped > skipped_before:
-            acc.print(f"mmar: epoch {epoch}: skipped {collator.skipped - skipped_before} bad sample(s) "
+        run.acc.load_state(ckpt)
+        state = read_trainer_state(ckpt)
+        run.step, run.stream_epoch, run.stream_batches = state["step"], state.get("epoch", 0), state.get("batches", 0)
+        run.acc.print(f"mmar: resumed from {ckpt} at step {run.step}")
+    elif run.acc.is_main_process and os.path.exists(run.log_path):
+        os.remove(run.log_path)
+
+
+def train_step(run: Run, batch: dict, targs: TrainingArguments):
+    """Forward, backward and (at the end of an accumulation) the optimizer step on one loader batch.
+    Returns the model output, or None when the loss was NaN / inf somewhere and the batch was skipped."""
+    acc, model = run.acc, run.model
+    with acc.accumulate(model):
+        out = model(**batch)
+        if not finite_everywhere(acc, out.loss):
+            run.bad_in_a_row += 1
+            run.opt.zero_grad(set_to_none=True)
+            if run.bad_in_a_row >= targs.max_bad_steps:
+                raise FloatingPointError(
+                    f"{run.bad_in_a_row} steps in a row had a NaN / inf loss (last at step {run.step + 1}); "
+                    "stopping. Lower the learning rate, check the data, or resume from a checkpoint.")
+            warnings.warn(f"step {run.step + 1}: loss is {out.loss.item()}; skipping this batch "
+                          f"({run.bad_in_a_row} in a row, the run stops at {targs.max_bad_steps})")
+            return None
+        run.bad_in_a_row = 0
+        acc.backward(out.loss)
+        if acc.sync_gradients and targs.max_grad_norm:
+            run.grad_norm = acc.clip_grad_norm_(model.parameters(), targs.max_grad_norm)
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+    return out
+
+
+def log_step(run: Run, out, targs: TrainingArguments) -> None:
+    """One row of ``log.jsonl`` (losses averaged over processes), the progress bar and the tracker."""
+    parts = torch.stack([out.loss.detach(), out.text_loss, *out.modality_losses.values()])
+    parts = run.acc.reduce(parts, "mean").tolist()  # averaged over processes
+    elapsed = time.time() - run.start
+    row = {"step": run.step, "loss": parts[0], "text_loss": parts[1],
+           **{f"{m}_loss": v for m, v in zip(out.modality_losses, parts[2:])},
+           "lr": run.sched.get_last_lr()[0], "grad_norm": float(run.grad_norm),
+           "elapsed_s": round(elapsed, 2), "tokens_per_s": round(run.tokens / elapsed)}
+    run.bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
+    if run.acc.is_main_process:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    if targs.log_with:
+        run.acc.log({k: v for k, v in row.items() if k != "step"}, step=run.step)
+
+
+def after_step(run: Run, out, targs: TrainingArguments, epoch: int, read: int) -> None:
+    """What follows an optimizer step: EMA, the step count, the log, a checkpoint, a preview."""
+    acc, step = run.acc, run.step + 1
+    if run.ema is not None:
+        run.ema.update_parameters(acc.unwrap_model(run.model))
+    run.step = step
+    run.bar.update(1)
+    if step % targs.logging_steps == 0 or step == targs.max_steps:
+        log_step(run, out, targs)
+    if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
+        save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit,
+                        {"epoch": epoch, "batches": read} if run.stream else None)
+        if acc.is_main_process:
+            plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
+    if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process:
+        preview(acc.unwrap_model(run.model), run.processor, run.dataset, targs, f"step_{step}")
+        run.model.train()
+
+
+def start_epoch(run: Run, targs: TrainingArguments):
+    """The epoch the run is in and the loader batches of it already trained (skipped on resume)."""
+    if run.stream:
+        epoch, skip = run.stream_epoch, run.stream_batches
+    else:
+        steps_per_epoch = len(run.loader) // targs.gradient_accumulation_steps
+        epoch, done_in_epoch = divmod(run.step, steps_per_epoch)
+        skip = done_in_epoch * targs.gradient_accumulation_steps
+    if hasattr(run.loader, "set_epoch"):
+        run.loader.set_epoch(epoch)
+    run.collator.epoch = epoch  # per-sample randomness is a function of (seed, epoch, index)
+    if hasattr(run.dataset, "epoch"):
+        run.dataset.epoch = epoch
+    return epoch, skip
+
+
+def run_epoch(run: Run, dargs: DataArguments, targs: TrainingArguments) -> None:
+    """Train through (the rest of) one epoch, or until ``max_steps``."""
+    epoch, skip = start_epoch(run, targs)
+    batches = run.acc.skip_first_batches(run.loader, skip) if skip else run.loader
+    read = skip
+    for batch in batches:
+        read += 1
+        if batch is None:  # every sample of this batch was bad (counted by the collator)
+            continue
+        n_tokens = sum(map(sum, batch.pop("seq_lens"))) if "seq_lens" in batch else int(batch["attention_mask"].sum())
+        batch.pop("sample_index", None)
+        out = train_step(run, batch, targs)
+        if out is None:
+            continue
+        run.tokens += n_tokens
+        if not run.acc.sync_gradients:
+            continue
+        after_step(run, out, targs, epoch, read)
+        if run.step >= targs.max_steps:
+            break
+    if run.stream and run.step < targs.max_steps:
+        if read == 0:
+            raise ValueError(f"{dargs.data_files}: the stream gave no full batch of {targs.batch_size} in epoch "
+                             f"{epoch}; it has fewer records than the batch size")
+        run.stream_epoch, run.stream_batches = epoch + 1, 0
+    report_skipped(run, epoch)
+
+
+def report_skipped(run: Run, epoch: int) -> None:
+    """Say how many bad samples this epoch skipped, with a few reasons."""
+    collator = run.collator
+    if collator.skipped > run.skipped_before:
+        run.acc.print(f"mmar: epoch {epoch}: skipped {collator.skipped - run.skipped_before} bad sample(s) "
                       f"({collator.skipped} in all); e.g. {'; '.join(dict.fromkeys(collator.reasons))}")
-            skipped_before, collator.reasons = collator.skipped, []
-    bar.close()
+        run.skipped_before, collator.reasons = collator.skipped, []
+
+
+def finish(run: Run, targs: TrainingArguments) -> None:
+    """Save the final model (the EMA weights if kept), its processor and sampling defaults, the loss
+    curve and a last preview."""
+    from ..pipeline import GenerationDefaults
+
+    acc = run.acc
+    run.bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        final = acc.unwrap_model(model) if ema is None else ema.module
+        final = acc.unwrap_model(run.model) if run.ema is None else run.ema.module
         final.save_pretrained(targs.output_dir)
-        processor.save_pretrained(targs.output_dir)
+        run.processor.save_pretrained(targs.output_dir)
         GenerationDefaults.for_model(final.config, **targs.generation).save_pretrained(targs.output_dir)
-        plot_loss_curve(log_path, os.path.join(targs.output_dir, "loss_curve.png"))
-        preview(final, processor, dataset, targs, "final")
-        acc.print(f"mmar: trained {step} steps in {time.time() - start:.0f}s; model saved to {targs.output_dir}")
+        plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
+        preview(final, run.processor, run.dataset, targs, "final")
+        acc.print(f"mmar: trained {run.step} steps in {time.time() - run.start:.0f}s; model saved to "
+                  f"{targs.output_dir}")
     acc.end_training()
+
+
+def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> str:
+    """Train and return the directory of the final model (loadable by ``MMARModel.from_pretrained``)."""
+    if targs.num_threads:
+        torch.set_num_threads(targs.num_threads)
+    from ..pipeline import GenerationDefaults
+
+    GenerationDefaults.for_model(None, **targs.generation)  # a typo in `generation` fails now, not after training
+    run = setup(margs, dargs, targs)
+    resume(run, targs)
+    run.bar = tqdm(total=targs.max_steps, initial=run.step, desc="training",
+                   disable=not (targs.progress and run.acc.is_main_process))
+    run.start = time.time()
+    run.model.train()
+    while run.step < targs.max_steps:
+        run_epoch(run, dargs, targs)
+    finish(run, targs)
     return targs.output_dir
 
 
