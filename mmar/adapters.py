@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from .generation.config import GenerationDefaults
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -71,7 +73,6 @@ def load_peft_model(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike 
 
 def load_adapter_pipeline(cls, directory: str | os.PathLike, device="cpu", dtype=torch.float32):
     """An :class:`MMARPipeline` (``cls``) over the adapter's base with the adapter loaded and active."""
-    from .pipeline import GenerationDefaults
     from .sequence import MMARProcessor
 
     directory = os.fspath(directory)

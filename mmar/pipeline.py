@@ -7,12 +7,9 @@ Sampling defaults live in :class:`GenerationDefaults`, saved as ``generation_con
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import queue
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,65 +20,12 @@ from PIL import Image as PILImage
 from PIL import ImageOps
 
 from .adapters import LoraLoaderMixin, is_adapter_dir, load_adapter_pipeline
-from .generation import generate
+from .generation import DEFAULT_GUIDANCE, GENERATION_CONFIG_NAME, GenerationDefaults, generate  # noqa: F401 (re-exported)
 from .modeling import MMARModel
 from .sequence import Audio, Image, Message, MMARProcessor, Text, as_messages
 from .tokenizers.image_patch import load_image as _open_image
 
-GENERATION_CONFIG_NAME = "generation_config.json"
-DEFAULT_GUIDANCE = 3.0  # used when the model was trained with condition dropout (so CFG has a branch to use)
-
-
-@dataclass
-class GenerationDefaults:
-    """What ``pipe(...)`` uses for every sampling argument left out. Key names follow transformers'
-    ``GenerationConfig`` where one exists (``temperature``, ``top_p``, ``guidance_scale``, ...)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    guidance_scale: float = 1.0
-    image_temperature: float = 1.0
-    num_inference_steps: int | None = None  # None: the head's own setting
-    max_items: int = 4
-
-    @classmethod
-    def for_model(cls, config, **overrides) -> GenerationDefaults:
-        """Neutral defaults, with CFG on when the model learned an unconditional branch; ``overrides``
-        (e.g. a training config's ``generation`` section) replace them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(known)}")
-        cfg_ok = getattr(config, "cond_dropout_prob", 0.0) > 0 and bool(getattr(config, "modalities", None))
-        return dataclasses.replace(cls(guidance_scale=DEFAULT_GUIDANCE if cfg_ok else 1.0), **overrides)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike,
-                        base: GenerationDefaults | None = None) -> GenerationDefaults:
-        """``base`` updated with ``directory/generation_config.json`` when that file exists."""
-        base = base or cls()
-        path = os.path.join(directory, GENERATION_CONFIG_NAME)
-        if not os.path.isfile(path):
-            return base
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable JSON file ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of generation settings")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in data if k not in known and k != "transformers_version" and not k.startswith("_"))
-        if unknown:
-            warnings.warn(f"{path}: ignoring unknown generation settings {unknown}", stacklevel=2)
-        return dataclasses.replace(base, **{k: v for k, v in data.items() if k in known})
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, GENERATION_CONFIG_NAME), "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
+__all__ = ["GENERATION_CONFIG_NAME", "GenerationDefaults", "MMARPipeline", "MMARPipelineOutput"]
 
 
 def _is_audio(seg: Any) -> bool:
@@ -128,6 +72,17 @@ class _TextStream:
         piece = text[len(self.sent):] if text.startswith(self.sent) else ""
         self.ids, self.sent = [], ""
         return piece
+
+
+@dataclass
+class _Request:
+    """One call's prepared inputs: the prompts, the media of each, the mode and the settings."""
+
+    prompts: list
+    media: list[list]
+    mode: str
+    generator: Any
+    settings: GenerationDefaults
 
 
 class _Cancelled(Exception):
@@ -246,25 +201,28 @@ class MMARPipeline(LoraLoaderMixin):
         return out
 
     # -- generation ----------------------------------------------------------------------------
-    def _settings(self, **kwargs) -> dict:
-        """The sampling arguments given, the rest from ``self.generation_config``."""
-        settings = dataclasses.asdict(self.generation_config)
-        settings.update({k: v for k, v in kwargs.items() if v is not None})
-        return settings
+    def _request(self, prompt: Any, images, audio, mode: str, generator, sampling: dict, *,
+                 single: bool = False) -> _Request:
+        """The preparation ``__call__`` and ``stream`` share: prompts, their media, validated settings."""
+        batch = bool(isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)))
+        if batch and single:
+            raise ValueError("stream() takes one prompt; call the pipeline itself for a batch")
+        prompts = prompt if batch else [prompt]
+        settings = self.generation_config.replace(**sampling)  # None = the default; bad values raise here
+        return _Request(prompts, self._media_lists(prompts, batch, images, audio), mode, generator, settings)
 
-    def _run(self, prompts: list, media_lists: list, mode: str, generator, settings: dict, callback=None):
-        start = mode if mode in self.processor.modality_tokenizers else None
+    def _run(self, req: _Request, callback=None):
+        start = req.mode if req.mode in self.processor.modality_tokenizers else None
         enc = [self.processor.encode(self._prompt(p, media), add_generation_prompt=True, start_modality=start)
-               for p, media in zip(prompts, media_lists)]
+               for p, media in zip(req.prompts, req.media)]
         b = self.processor.collate(enc, padding_side="left")
         dev = self.device
         values = {m: v.to(dev) for m, v in b["values"].items()}
         with self._lock:
             return generate(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev), values,
-                            decode_text=self.processor.decode_text, mode=mode, generator=generator,
-                            suppress_ids=self.processor.tokenizer.all_special_ids,
-                            eos_token_id=self.processor.stop_id, progress=self.progress,
-                            callback=callback, **settings)
+                            config=req.settings, decode_text=self.processor.decode_text, mode=req.mode,
+                            generator=req.generator, suppress_ids=self.processor.tokenizer.all_special_ids,
+                            eos_token_id=self.processor.stop_id, progress=self.progress, callback=callback)
 
     def _decode(self, item: tuple[str, torch.Tensor], output_type: str):
         if output_type == "latent":
@@ -275,40 +233,24 @@ class MMARPipeline(LoraLoaderMixin):
 
     @torch.no_grad()
     def __call__(self, prompt: Any, images: list | None = None, *, audio: list | None = None, mode: str = "auto",
-                 max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, guidance_scale: float | None = None,
-                 image_temperature: float | None = None, num_inference_steps: int | None = None,
-                 max_items: int | None = None, generator=None, output_type: str = "pil") -> MMARPipelineOutput:
+                 generator=None, output_type: str = "pil", **sampling) -> MMARPipelineOutput:
         """``prompt``: a string, a conversation (list of messages), or a list of those (a batch). ``images``:
-        images that go before the text of a string prompt (one list per prompt in a batch). Sampling
-        arguments (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
-        ``image_temperature``, ``num_inference_steps``, ``max_items``) default to ``self.generation_config``.
-        ``audio``: audio clips (paths, :class:`Audio`, or ``(waveform, sampling_rate)``) that go after the
-        images, likewise."""
-        batch = bool(isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)))
-        prompts = prompt if batch else [prompt]
-        media_lists = self._media_lists(prompts, batch, images, audio)
-        settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  guidance_scale=guidance_scale, image_temperature=image_temperature,
-                                  num_inference_steps=num_inference_steps, max_items=max_items)
-        out = self._run(prompts, media_lists, mode, generator, settings)
+        images that go before the text of a string prompt (one list per prompt in a batch). ``audio``:
+        audio clips (paths, :class:`Audio`, or ``(waveform, sampling_rate)``) that go after the images,
+        likewise. ``sampling``: any :class:`GenerationDefaults` setting (``max_new_tokens``,
+        ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``, ``image_temperature``,
+        ``num_inference_steps``, ``max_items``, ...); those left out or ``None`` come from
+        ``self.generation_config``."""
+        out = self._run(self._request(prompt, images, audio, mode, generator, sampling))
         segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]
         latents = [[s for s in row if not isinstance(s, str)] for row in out.segments]
         return MMARPipelineOutput(segments=segments, latents=latents)
 
     def stream(self, prompt: Any, images: list | None = None, *, audio: list | None = None, mode: str = "auto",
-               max_new_tokens: int | None = None, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, guidance_scale: float | None = None,
-               image_temperature: float | None = None, num_inference_steps: int | None = None,
-               max_items: int | None = None, generator=None, output_type: str = "pil") -> Iterator[Any]:
+               generator=None, output_type: str = "pil", **sampling) -> Iterator[Any]:
         """Like ``__call__`` for one prompt, but yields text pieces (``str``) and finished images as the
         sampler produces them. Generation runs in a background thread; closing the iterator stops it."""
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)):
-            raise ValueError("stream() takes one prompt; call the pipeline itself for a batch")
-        media = self._media_lists([prompt], False, images, audio)
-        settings = self._settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  guidance_scale=guidance_scale, image_temperature=image_temperature,
-                                  num_inference_steps=num_inference_steps, max_items=max_items)
+        req = self._request(prompt, images, audio, mode, generator, sampling, single=True)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 
@@ -320,7 +262,7 @@ class MMARPipeline(LoraLoaderMixin):
         def work() -> None:
             try:
                 with torch.no_grad():
-                    self._run([prompt], media, mode, generator, settings, callback=callback)
+                    self._run(req, callback=callback)
             except _Cancelled:
                 pass
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there

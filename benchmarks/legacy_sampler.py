@@ -1,4 +1,8 @@
-"""One sampler for interleaved output.
+"""A frozen copy of mmar's sampler before the generation package (mmar/generation.py at 5443460), kept
+only so that ``benchmarks/sampler_overhead.py`` can report old / new ratios measured in one run on one
+machine. Not part of the package; do not import it from mmar.
+
+Original docstring: one sampler for interleaved output.
 
 Text tokens come from the LM head. When it samples ``<|image_start|>`` the row
 switches to image mode: the diffusion head draws exactly N latents, each fed

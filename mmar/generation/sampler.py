@@ -1,0 +1,302 @@
+"""One sampler for interleaved output, as a loop of named steps.
+
+Text tokens come from the LM head. When it samples ``<|image_start|>`` the row switches to image mode:
+the modality's head draws exactly N latents, each fed back through the input projection, then
+``<|image_end|>`` is forced and the row returns to text, until EOS or the limits. Rows are independent
+(left padding, one KV cache for the batch), so a batch equals each sample alone when each row has its own
+``torch.Generator``.
+
+Classifier-free guidance runs an unconditional copy of every row in the same backbone call (rows
+``B..2B``). Its attention mask hides the prompt: when its row opens an item, the copy sees only
+``BOS <|image_start|>`` and the item's own tokens — exactly what condition dropout trained on.
+
+Each step (:meth:`Sampler.run`): ``snapshot`` (the one host sync of the step), ``forward`` (the backbone),
+``step_items`` (heads draw the next latent of rows inside an item), ``close_items`` (rows whose item is
+complete get its end token), ``step_text`` (the LM head and the logits processors pick the text rows'
+tokens), ``advance`` (write the new column into the preallocated mask, positions and embeddings). Row
+state (open item, tokens into it, counters, done) lives in tensors on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import GenerationDefaults
+from .logits import TextRows, build_processors, choose
+from .output import GenerationOutput, RowOutput, assemble
+from .tables import token_tables
+
+MODES = ("auto", "text", "image", "audio")
+
+
+def _row_generators(generator, batch: int):
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        return list(generator)
+    return generator
+
+
+@dataclass
+class _Step:
+    """What one step writes for the ``B`` conditional rows."""
+
+    ids: torch.Tensor  # [B] the new token of each row (pad for finished rows)
+    embed: torch.Tensor  # [B, hidden] its input embedding
+    cond: torch.Tensor  # [B] 1 where the conditional row attends to the new column
+    uncond: torch.Tensor  # [B] likewise for the unconditional copy (item tokens and starts only)
+
+
+@dataclass
+class _Snapshot:
+    """Host copy of the row state at the start of a step."""
+
+    item: list[int]
+    k: list[int]
+    need: list[int]
+    done: list[bool]
+    last: list[int]
+
+
+class Sampler:
+    """Holds one call's state; :meth:`run` samples. See :func:`generate` for the arguments."""
+
+    def __init__(self, model, input_ids, attention_mask, values, settings: GenerationDefaults, *, mode,
+                 decode_text, generator, suppress_ids, eos_token_id, progress, callback):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if attention_mask[:, -1].eq(0).any():
+            raise ValueError("generation needs left padding (the last column of every row must be real)")
+        settings.check_mode(mode)
+        self.model, self.s, self.mode = model, settings, mode
+        self.t = token_tables(model, mode, eos_token_id, suppress_ids)
+        self.B, self.device = input_ids.shape[0], input_ids.device
+        self.gens = _row_generators(generator, self.B)
+        self.embed_tokens = model.get_input_embeddings()
+        self.cfg = settings.guidance_scale != 1.0 and mode != "text" and bool(self.t.names)
+        self.processors = build_processors(settings, ban_mask=self.t.ban_mask, start_ids=self.t.start_ids,
+                                           eos=self.t.eos, text_only=mode == "text")
+        self.limit = settings.max_new_tokens + settings.max_items * (self.t.longest_item + 2) + 1
+        opened = self._open_rows(input_ids)
+        self.rows = [RowOutput(b, self.t.names[i] if i >= 0 else None, self.t, decode_text or (lambda ids: ids),
+                               callback) for b, i in enumerate(opened)]
+        self._prepare_sequence(input_ids, attention_mask, values, opened)
+        self.step_latents: dict[int, torch.Tensor] = {}  # this step's item tokens by row (device tensors)
+        self.bar = tqdm(total=self.limit, desc="generating", disable=not progress, leave=False)
+
+    # -- prepare -------------------------------------------------------------------------------
+    def _open_rows(self, input_ids) -> list[int]:
+        """Row state tensors; a prompt ending in a start token opens that item. Returns each row's item."""
+        opened = []
+        for last in input_ids[:, -1].tolist():
+            if last in self.t.start_of:
+                if self.mode not in ("auto", self.t.start_of[last]):
+                    raise ValueError(f"mode {self.mode!r} but the prompt opens a {self.t.start_of[last]} item")
+                opened.append(self.t.names.index(self.t.start_of[last]))
+            elif self.mode in self.t.names:
+                raise ValueError(f"mode {self.mode!r}: the prompt must end with the {self.mode} start token "
+                                 f"(encode it with start_modality={self.mode!r})")
+            else:
+                opened.append(-1)
+
+        def longs(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        self.item = longs(opened)  # modality index of the open item, -1 in text
+        self.k = torch.zeros_like(self.item)  # tokens of that item so far
+        self.need = torch.where(self.item >= 0, self.t.n_tokens[self.item.clamp(min=0)], 0)  # its length
+        self.done = torch.zeros(self.B, dtype=torch.bool, device=self.device)
+        self.n_text = torch.zeros_like(self.item)
+        self.n_items = (self.item >= 0).long()
+        self.last = torch.full_like(self.item, self.t.pad)  # the previous step's tokens
+        return opened
+
+    def _prepare_sequence(self, input_ids, attention_mask, values, opened) -> None:
+        """Mask, positions (and, without a cache, embeddings) preallocated for the whole limit."""
+        B, P = input_ids.shape
+        mask, embeds = attention_mask.long(), self.model.embed(input_ids, values)
+        if self.cfg:  # the unconditional copy sees BOS and an already-open item only
+            first = mask.argmax(-1)
+            umask = torch.zeros_like(mask)
+            if self.t.bos is not None:
+                umask[torch.arange(B), first] = (input_ids[torch.arange(B), first] == self.t.bos).long()
+            self.bos_only = umask.clone()
+            umask[:, -1] = torch.where(self.item >= 0, 1, umask[:, -1])
+            mask, embeds = torch.cat([mask, umask]), torch.cat([embeds, embeds])
+        R, width = mask.shape[0], P + self.limit
+        self.mask = torch.zeros(R, width, dtype=torch.long, device=self.device)
+        self.mask[:, :P] = mask
+        self.pos = torch.zeros_like(self.mask)
+        self.pos[:, :P] = (mask.cumsum(-1) - 1).clamp(min=0)
+        self.count = mask.sum(-1)  # real columns per row: the next position is count - 1 after appending
+        self.length, self.prompt_length = P, P
+        self.step_embeds, self.cache = embeds, None
+        if not self.s.use_cache:
+            self.embeds = embeds.new_zeros(R, width, embeds.shape[-1])
+            self.embeds[:, :P] = embeds
+        self.pad_embed = self.embed_tokens(torch.tensor([self.t.pad], device=self.device))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> GenerationOutput:
+        ran: list[bool] | None = None  # rows that took part in the previous step
+        for _ in range(self.limit):
+            snap = self.snapshot()
+            if ran is not None:
+                self.deliver(snap.last, ran)
+            if all(snap.done):
+                break
+            ran = [not d for d in snap.done]
+            h = self.forward()
+            step = _Step(ids=torch.full_like(self.item, self.t.pad), embed=self.pad_embed.expand(self.B, -1).clone(),
+                         cond=torch.zeros_like(self.item), uncond=torch.zeros_like(self.item))
+            self.step_latents = {}
+            self.step_items(h, snap, step)
+            self.close_items(snap, step)
+            self.step_text(h, snap, step)
+            self.advance(step)
+            self.bar.update(1)
+        else:  # the limit: the last step's tokens are still to be handed over
+            self.deliver(self.snapshot().last, ran)
+        self.bar.close()
+        for r in self.rows:
+            r.finish()
+        return assemble(self.rows)
+
+    def snapshot(self) -> _Snapshot:
+        """The row state on the host: one device-to-host copy per step, not one per row."""
+        item, k, need, done, last = torch.stack([self.item, self.k, self.need, self.done.long(), self.last]).tolist()
+        return _Snapshot(item, k, need, [bool(d) for d in done], last)
+
+    def deliver(self, tokens: list[int], ran: list[bool]) -> None:
+        """Hand the previous step's tokens (and item latents) of the rows that took part to their outputs."""
+        for b, row in enumerate(self.rows):
+            if ran[b]:
+                row.add(tokens[b], self.step_latents.get(b))
+
+    def forward(self) -> torch.Tensor:
+        """The backbone on the new column (or, without a cache, on everything): last hidden states."""
+        L, n = self.length, self.step_embeds.shape[1]
+        if self.s.use_cache:
+            out = self.model(inputs_embeds=self.step_embeds, attention_mask=self.mask[:, :L], cache=self.cache,
+                             position_ids=self.pos[:, L - n:L], use_cache=True)
+            self.cache = out.cache
+        else:
+            out = self.model(inputs_embeds=self.embeds[:, :L], attention_mask=self.mask[:, :L],
+                             position_ids=self.pos[:, :L])
+        return out.hidden_states[:, -1]
+
+    def _branches(self, h):
+        return (h[:self.B], h[self.B:]) if self.cfg else (h, None)
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def step_items(self, h, snap: _Snapshot, step: _Step) -> None:
+        """Rows inside an item: its head draws the next token (one call per modality for all rows)."""
+        hc, hu = self._branches(h)
+        for mi, m in enumerate(self.t.names):
+            rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] == mi and snap.k[b] < snap.need[b]]
+            if not rows:
+                continue
+            idx = self._index(rows)
+            gens = [self.gens[b] for b in rows] if isinstance(self.gens, list) else self.gens
+            lat = self.model.heads[m].sample(hc[idx], uncond=hu[idx] if self.cfg else None,
+                                             guidance_scale=self.s.guidance_scale,
+                                             temperature=self.s.image_temperature,
+                                             num_inference_steps=self.s.num_inference_steps, generator=gens)
+            step.embed[idx] = self.model.embed_values(m, lat, index=self.k[idx]).to(step.embed.dtype)
+            step.ids[idx], step.cond[idx], step.uncond[idx] = self.t.ph[mi], 1, 1
+            self.k[idx] += 1
+            self.step_latents.update(zip(rows, lat.unbind(0)))
+
+    def close_items(self, snap: _Snapshot, step: _Step) -> None:
+        """Rows whose item is complete: its end token (seen by the conditional row only)."""
+        rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] >= 0 and snap.k[b] == snap.need[b]]
+        if not rows:
+            return
+        idx = self._index(rows)
+        ends = self.t.end[self.item[idx]]
+        step.ids[idx], step.cond[idx] = ends, 1
+        step.embed[idx] = self.embed_tokens(ends).to(step.embed.dtype)
+        self.item[idx], self.k[idx] = -1, 0
+
+    def step_text(self, h, snap: _Snapshot, step: _Step) -> None:
+        """Rows in text: LM head, logits processors, one draw per row."""
+        rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] < 0]
+        if not rows:
+            return
+        idx, every = self._index(rows), len(rows) == self.B
+        hc = self._branches(h)[0]
+        logits = self.model.lm_head(hc if every else hc[idx]).float()
+        logits = self.processors(logits, TextRows(n_text=self.n_text[idx], n_items=self.n_items[idx]))
+        toks = choose(logits, self.s.temperature == 0, self.gens, rows)
+        self._record_text(idx, toks, step)
+        embeds = self.embed_tokens(toks).to(step.embed.dtype)
+        if every:
+            step.embed = embeds
+        else:
+            step.embed[idx] = embeds
+
+    def _record_text(self, idx, toks, step: _Step) -> None:
+        """Row state after text tokens: EOS ends a row, a start token opens an item."""
+        eos = toks == self.t.eos if self.t.eos is not None else torch.zeros_like(toks, dtype=torch.bool)
+        mod = self.t.start_mod[toks]
+        start = mod >= 0
+        step.ids[idx], step.cond[idx], step.uncond[idx] = toks, 1, start.long()
+        self.done[idx] |= eos
+        self.item[idx], self.k[idx] = mod, 0
+        self.need[idx] = torch.where(start, self.t.n_tokens[mod.clamp(min=0)], self.need[idx])
+        self.n_items[idx] += start.long()
+        self.n_text[idx] += (~(eos | start)).long()
+        if self.cfg:
+            self._forget_prompt(idx, start)
+
+    def _forget_prompt(self, idx, start) -> None:
+        """The unconditional copy of a row that opens an item forgets everything but BOS."""
+        u, L, P = idx + self.B, self.length, self.prompt_length
+        reset = torch.zeros(len(idx), L, dtype=self.mask.dtype, device=self.device)
+        reset[:, :P] = self.bos_only[idx]
+        self.mask[u, :L] = torch.where(start[:, None], reset, self.mask[u, :L])
+        self.count[u] = torch.where(start, self.bos_only[idx].sum(-1), self.count[u])
+
+    def advance(self, step: _Step) -> None:
+        """Write the new column into the preallocated mask and positions."""
+        L = self.length
+        cols = torch.cat([step.cond, step.uncond]) if self.cfg else step.cond
+        embeds = torch.cat([step.embed, step.embed]) if self.cfg else step.embed
+        self.mask[:, L] = cols
+        self.count += cols
+        self.pos[:, L] = (self.count - 1).clamp(min=0)
+        if not self.s.use_cache:
+            self.embeds[:, L] = embeds
+        self.step_embeds, self.length = embeds[:, None], L + 1
+        self.last = step.ids
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: dict | None = None, *,
+             config: GenerationDefaults | None = None, decode_text=None, mode: str = "auto", generator=None,
+             suppress_ids: list[int] | None = None, eos_token_id: int | None = None, progress: bool = False,
+             callback=None, **settings) -> GenerationOutput:
+    """Sample continuations of a left-padded batch (see :meth:`MMARProcessor.collate`).
+
+    Sampling settings (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
+    ``image_temperature``, ``num_inference_steps``, ``max_items``, ``min_new_tokens``, ``use_cache``) come
+    from ``config`` (a :class:`GenerationDefaults`, default: its defaults) updated with the keyword
+    arguments given; bad values raise a ``ValueError`` naming them. ``temperature=0`` is greedy,
+    ``guidance_scale`` > 1 turns classifier-free guidance on.
+
+    ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; ``"image"`` / ``"audio"``
+    expect the prompt to end with that modality's start token (``start_modality`` in the processor).
+    ``suppress_ids`` are never sampled (e.g. the tokenizer's other special tokens); ``eos_token_id``
+    (default: the backbone's) ends a row, e.g. the processor's ``stop_id``.
+    """
+    settings = (config or GenerationDefaults()).replace(**settings)
+    sampler = Sampler(model, input_ids, attention_mask, values, settings, mode=mode, decode_text=decode_text,
+                      generator=generator, suppress_ids=suppress_ids, eos_token_id=eos_token_id,
+                      progress=progress, callback=callback)
+    return sampler.run()

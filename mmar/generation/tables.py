@@ -1,0 +1,66 @@
+"""What the sampler needs to know about a model's tokens, read once per call.
+
+Modalities are numbered in the config's order; an item is open in a row when its ``item`` index is
+``>= 0``. The lookup tensors (``start_mod``, ``ph``, ``end``, ``n_tokens``) let the sampler turn a batch
+of sampled ids into row state with tensor ops instead of a Python loop over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenTables:
+    names: list[str]  # modality of each index
+    start_of: dict[int, str]  # start token id -> modality, for modalities the model can generate
+    start_ids: torch.Tensor  # [n] those start ids
+    start_mod: torch.Tensor  # [vocab] modality index of a start token, -1 for every other token
+    ph: torch.Tensor  # [n_mod] placeholder id of each modality
+    end: torch.Tensor  # [n_mod] end id of each modality
+    n_tokens: torch.Tensor  # [n_mod] tokens per item
+    eos: int | None
+    pad: int
+    bos: int | None
+    ban_mask: torch.Tensor  # [vocab] never sampled as text
+
+    @property
+    def longest_item(self) -> int:
+        return int(self.n_tokens.max()) if len(self.names) else 0
+
+
+def token_tables(model, mode: str, eos_token_id: int | None, suppress_ids: list[int] | None) -> TokenTables:
+    """The tables of ``model``; ``eos_token_id`` defaults to the backbone's, ``suppress_ids`` are banned."""
+    mods = model.config.modalities
+    if mode in mods and not mods[mode].get("can_generate", True):
+        raise ValueError(f"this model's {mode} tokenizer is for understanding only; it cannot generate {mode}")
+    device = model.lm_head.weight.device
+    names = list(mods)
+    start_of = {s["token_ids"]["start"]: m for m, s in mods.items() if s.get("can_generate", True)}
+    understanding_only = [s["token_ids"]["start"] for s in mods.values() if not s.get("can_generate", True)]
+    bb = model.config.backbone_config
+    eos = eos_token_id if eos_token_id is not None else bb.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    pad, bos = bb.pad_token_id, bb.bos_token_id
+    pad = eos if pad is None else pad
+    banned = [s["token_ids"][k] for s in mods.values() for k in ("token", "end")] + understanding_only
+    banned += [t for t in [bos, pad, *(suppress_ids or [])] if t is not None and t != eos and t not in start_of]
+    vocab = model.lm_head.out_features
+    ban_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    ban_mask[[t for t in banned if 0 <= t < vocab]] = True
+    start_mod = torch.full((vocab,), -1, dtype=torch.long, device=device)
+    for tid, m in start_of.items():
+        if 0 <= tid < vocab:
+            start_mod[tid] = names.index(m)
+
+    def per_mod(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return TokenTables(
+        names=names, start_of=start_of, start_ids=per_mod(list(start_of)), start_mod=start_mod,
+        ph=per_mod([mods[m]["token_ids"]["token"] for m in names]),
+        end=per_mod([mods[m]["token_ids"]["end"] for m in names]),
+        n_tokens=per_mod([mods[m]["num_tokens"] for m in names]),
+        eos=eos, pad=pad, bos=bos, ban_mask=ban_mask)
