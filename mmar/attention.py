@@ -6,12 +6,18 @@ where SDPA would rely on ``is_causal``). The kernel turns that mask into an
 xformers bias: no mask -> ``LowerTriangularMask``; packed rows (position ids
 that restart, no cache) -> ``BlockDiagonalCausalMask`` over the flattened batch;
 anything else (padding, a KV cache) -> an additive tensor bias. Grouped-query
-heads are expanded. Without xformers' CUDA kernels (no GPU, or a wheel built for
-another torch) it falls back to SDPA with one clear warning.
+heads are expanded. Without a usable xformers kernel (no GPU, not installed, a broken
+install) it falls back to SDPA with one warning that gives the real reason
+(``xformers_status``); ``attention_report`` says which attention each part of a model runs.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
 import warnings
 
 import torch
@@ -21,21 +27,78 @@ from transformers.masking_utils import sdpa_mask
 
 NAME = "xformers"
 _ALIGN = 8  # xformers wants the key length of a tensor bias padded to a multiple of 8
-_state = {"warned": False, "ok": None}
+_state = {"warned": False, "ok": None, "why": ""}
+KERNEL_DEVICES = {"cuda"}  # where xformers' memory-efficient kernels run
+
+
+def _build_info() -> dict:
+    """What the installed xformers wheel was built for (its ``cpp_lib.json``), without importing it."""
+    spec = importlib.util.find_spec("xformers")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = os.path.join(list(spec.submodule_search_locations)[0], "cpp_lib.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("version", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def xformers_status() -> tuple[bool, str]:
+    """``(usable, why)``: whether ``memory_efficient_attention`` can run here, and what runs it or why
+    not (the real reason: not installed, no CUDA device, the extension built for another torch, ...).
+
+    Computed once. On a machine without CUDA xformers is not even imported (it has no CPU kernels)."""
+    if _state["ok"] is not None:
+        return _state["ok"], _state["why"]
+    ok, why = False, ""
+    if importlib.util.find_spec("xformers") is None:
+        why = "xformers is not installed (pip install 'mmar[xformers]')"
+    elif not torch.cuda.is_available():
+        why = "no CUDA device here, and xformers has no CPU kernels"
+    else:
+        try:
+            from xformers import _cpp_lib
+            from xformers.ops.fmha import cutlass, flash
+        except (ImportError, OSError, RuntimeError) as e:  # a broken install: say what broke
+            why = f"importing xformers failed: {type(e).__name__}: {e}"
+        else:
+            ext = extension_problem(_cpp_lib)
+            kernels = [name for name, op in (("cutlass", cutlass.FwOp), ("flash", flash.FwOp)) if op.is_available()]
+            ok = bool(kernels)
+            why = (f"xformers {_version()} kernels: {', '.join(kernels) or 'none'}"
+                   + (f"; {ext}" if ext else "; its C++/CUDA extension loaded"))
+    _state["ok"], _state["why"] = ok, why
+    return ok, why
+
+
+def extension_problem(cpp_lib=None) -> str:
+    """Why xformers' own C++/CUDA extension did not load ("" if it did). Without it,
+    ``memory_efficient_attention`` still runs on PyTorch's built-in CUTLASS / flash kernels when the
+    torch schema matches, but xformers' own kernels (flash-3, sparse, SwiGLU) are missing."""
+    if cpp_lib is None:
+        from xformers import _cpp_lib as cpp_lib
+    err = cpp_lib._cpp_library_load_exception
+    if err is None:
+        return ""
+    built = _build_info()
+    if built.get("torch"):
+        return (f"its C++/CUDA extension did not load: it was built for torch {built['torch']} "
+                f"(python {built.get('python')}), this is torch {torch.__version__} "
+                f"(python {platform.python_version()}); pip install 'mmar[xformers]' installs the matching pair")
+    return f"its C++/CUDA extension did not load: {str(err).splitlines()[0]}"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("xformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def xformers_available() -> bool:
-    """True when xformers imports and its memory-efficient CUDA kernels loaded."""
-    if _state["ok"] is None:
-        _state["ok"] = False
-        if torch.cuda.is_available():  # xformers has no CPU kernels: don't even import it there
-            try:
-                from xformers.ops.fmha import cutlass
-
-                _state["ok"] = bool(cutlass.FwOp.is_available())
-            except Exception:  # noqa: BLE001 - any import failure means: not usable
-                pass
-    return _state["ok"]
+    """True when xformers imports and a memory-efficient CUDA kernel of it can run."""
+    return xformers_status()[0]
 
 
 def _fallback_warning(reason: str) -> None:
@@ -93,8 +156,8 @@ def xformers_bias(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, 
 def xformers_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                scaling: float | None = None, **kwargs):
     """``query`` ``[B, H, Lq, D]``, ``key`` / ``value`` ``[B, Hkv, Lk, D]`` -> ``([B, Lq, H, D], None)``."""
-    if not xformers_available():
-        _fallback_warning("xformers' CUDA kernels are not available here" if query.is_cuda else
+    if not xformers_available() or query.device.type not in KERNEL_DEVICES:
+        _fallback_warning(xformers_status()[1] if query.device.type in KERNEL_DEVICES else
                           f"xformers has no kernels for {query.device.type} tensors")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -111,6 +174,44 @@ def xformers_attention_forward(module, query, key, value, attention_mask, dropou
     out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout if module.training else 0.0,
                                           scale=scaling)
     return out.reshape(b, lq, h, d), None
+
+
+def runs_as(implementation: str | None) -> str:
+    """What ``attn_implementation=implementation`` really runs on this machine."""
+    impl = implementation or "sdpa"
+    if impl == NAME:
+        ok, why = xformers_status()
+        return f"xformers memory_efficient_attention ({why})" if ok else f"PyTorch SDPA, falling back from xformers: {why}"
+    if impl == "sdpa":
+        return "PyTorch SDPA" + (" (flash / memory-efficient / math CUDA kernels)" if torch.cuda.is_available()
+                                 else " (CPU: flash-CPU / math kernels)")
+    return impl
+
+
+def _module_attention(module: torch.nn.Module) -> str:
+    """The attention inside a part: transformers' setting, diffusers' processors, torch's MHA, or none."""
+    config = getattr(module, "config", None)
+    impl = getattr(config, "_attn_implementation", None) if config is not None else None
+    if impl is not None and not isinstance(config, dict):
+        return f"attn_implementation={impl!r} -> {runs_as(impl)}"
+    processors = {type(m.processor).__name__ for m in module.modules() if hasattr(m, "processor")}
+    if processors:
+        return f"diffusers {', '.join(sorted(processors))} (PyTorch SDPA)"
+    if any(isinstance(m, torch.nn.MultiheadAttention) for m in module.modules()):
+        return "torch.nn.MultiheadAttention (PyTorch SDPA)"
+    return "no attention"
+
+
+def attention_report(model, processor=None) -> list[tuple[str, str]]:
+    """``[(part, attention it runs)]`` for an MMAR model's backbone, heads and modality tokenizers."""
+    rows = [(f"backbone ({model.config.backbone_config.model_type})", _module_attention(model.backbone))]
+    rows += [(f"{m} head ({type(h).__name__})", _module_attention(h)) for m, h in model.heads.items()]
+    for m, tok in (getattr(processor, "modality_tokenizers", None) or {}).items():
+        parts = [tok] if isinstance(tok, torch.nn.Module) else [
+            v for v in vars(tok).values() if isinstance(v, torch.nn.Module)]
+        kinds = sorted({_module_attention(p) for p in parts}) or ["no attention"]
+        rows.append((f"{m} tokenizer ({type(tok).__name__})", "; ".join(kinds)))
+    return rows
 
 
 AttentionInterface.register(NAME, xformers_attention_forward)

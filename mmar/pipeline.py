@@ -98,7 +98,9 @@ class MMARPipeline(LoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str = torch.float32) -> MMARPipeline:
+                        dtype: torch.dtype | str = torch.float32, quantization=None) -> MMARPipeline:
+        """``quantization``: ``"int8"`` for int8 weight-only inference of the backbone (``"int4"``, or any
+        transformers quantization config, see mmar/quantization.py); the heads stay in ``dtype``."""
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such model directory")
         if is_adapter_dir(directory):  # a LoRA run's output: its base + the adapter (mmar/adapters.py)
@@ -108,7 +110,12 @@ class MMARPipeline(LoraLoaderMixin):
             raise FileNotFoundError(f"{directory}: not a model directory (no config.json or adapter_config.json; train one with `mmar train`)")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model = MMARModel.from_pretrained(directory, dtype=dtype).to(device)
+        if quantization is not None:
+            from .quantization import load_quantized
+
+            model = load_quantized(directory, quantization, dtype=dtype, device_map=str(torch.device(device)))
+        else:
+            model = MMARModel.from_pretrained(directory, dtype=dtype).to(device)
         defaults = GenerationDefaults.from_pretrained(directory, GenerationDefaults.for_model(model.config))
         return cls(model, MMARProcessor.from_pretrained(directory), defaults)
 

@@ -90,6 +90,7 @@ def kernel(monkeypatch):
 
     monkeypatch.setattr(xops, "memory_efficient_attention", spy)
     monkeypatch.setitem(attention._state, "ok", True)
+    monkeypatch.setattr(attention, "KERNEL_DEVICES", {"cuda", "cpu"})
     return calls
 
 
@@ -133,7 +134,9 @@ def test_cached_generation_matches_sdpa(kernel):
 
 def test_falls_back_to_sdpa_with_one_warning(monkeypatch):
     monkeypatch.setitem(attention._state, "ok", False)
+    monkeypatch.setitem(attention._state, "why", "a reason the test gives")
     monkeypatch.setitem(attention._state, "warned", False)
+    monkeypatch.setattr(attention, "KERNEL_DEVICES", {"cuda", "cpu"})
     sdpa, xf, proc = _pair()
     batch = proc([DigitsDataset()[0]])
     with warnings.catch_warnings(record=True) as caught:
@@ -143,5 +146,42 @@ def test_falls_back_to_sdpa_with_one_warning(monkeypatch):
             xf(batch["input_ids"], batch["attention_mask"], values=batch["values"])
     ours = [w for w in caught if "xformers" in str(w.message)]
     assert len(ours) == 1 and "using PyTorch SDPA instead" in str(ours[0].message)
+    assert "a reason the test gives" in str(ours[0].message)  # the real reason, not a guess
     with torch.no_grad():
         assert torch.equal(a, sdpa(batch["input_ids"], batch["attention_mask"], values=batch["values"]).hidden_states)
+
+
+def test_cpu_tensors_fall_back_and_say_why(monkeypatch):
+    monkeypatch.setitem(attention._state, "warned", False)
+    _, xf, proc = _pair()
+    batch = proc([DigitsDataset()[0]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            xf(batch["input_ids"], batch["attention_mask"], values=batch["values"])
+    assert any("xformers has no kernels for cpu tensors" in str(w.message) for w in caught)
+
+
+def test_status_gives_the_real_reason():
+    ok, why = attention.xformers_status()
+    assert isinstance(ok, bool) and why
+    if not torch.cuda.is_available():
+        assert not ok and "no CUDA device" in why
+    problem = attention.extension_problem()  # this wheel's C++ extension, loaded or not, and why
+    built = attention._build_info().get("torch")
+    if problem:
+        assert "did not load" in problem and (built is None or built in problem)
+        assert torch.__version__ in problem or built is None
+
+
+def test_env_reports_kernels_and_the_attention_each_part_runs(tiny_dir, capsys):
+    from mmar.app.cli import main
+
+    assert main(["env", "--model", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "xformers      kernels " in out and ("kernels load" in out or "kernels do not load: " in out)
+    assert "attn_implementation='xformers' -> " in out
+    assert "backbone (llama): attn_implementation='sdpa' -> PyTorch SDPA" in out
+    assert "image head (DiffusionHead): no attention" in out
+    rows = dict(attention.attention_report(*_pair()[1:]))
+    assert "xformers" in rows["backbone (llama)"]  # the model set to xformers says what really runs

@@ -171,17 +171,44 @@ def cmd_env(ns: argparse.Namespace) -> int:
 
     import torch
 
+    from .. import attention
+
     print(f"python {platform.python_version()} on {platform.platform()}")
     for name in ("torch", "transformers", "diffusers", "accelerate", "peft", "tokenizers", "safetensors",
-                 "xformers", "gradio", "sklearn"):
-        try:
-            mod = __import__(name)
-            print(f"{name:13s} {getattr(mod, '__version__', '?')}")
-        except Exception as e:  # noqa: BLE001 - report any import failure as missing
-            print(f"{name:13s} not available ({type(e).__name__})")
+                 "xformers", "bitsandbytes", "torchao", "deepspeed", "gradio", "sklearn"):
+        print(f"{name:13s} {_package_version(name)}")
     print(f"cuda          {torch.cuda.is_available()} ({torch.cuda.device_count()} devices)")
     print(f"cpu threads   {torch.get_num_threads()}")
+    ok, why = attention.xformers_status()
+    print(f"xformers      kernels {'load' if ok else 'do not load'}: {why}")
+    if ok is False and "not installed" not in why:
+        try:  # its own extension is worth reporting even where CUDA is missing
+            problem = attention.extension_problem()
+            print(f"              {problem or 'its C++/CUDA extension loaded'}")
+        except ImportError as e:
+            print(f"              importing xformers failed: {e}")
+    for impl in ("sdpa", "xformers"):
+        print(f"attention     attn_implementation={impl!r} -> {attention.runs_as(impl)}")
+    if ns.model:
+        from ..modeling import MMARModel
+        from ..sequence import MMARProcessor
+
+        model = MMARModel.from_pretrained(ns.model)
+        processor = MMARProcessor.from_pretrained(ns.model)
+        for part, runs in attention.attention_report(model, processor):
+            print(f"  {part}: {runs}")
     return 0
+
+
+def _package_version(name: str) -> str:
+    """A package's version from its metadata (nothing imported), or "not installed"."""
+    import importlib.metadata
+
+    dist = {"sklearn": "scikit-learn"}.get(name, name)
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="where to write the merged model")
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("env", help="print versions and devices", epilog="example:\n  mmar env",
+    p = sub.add_parser("env", help="print versions, devices and which attention kernels run",
+                       epilog="examples:\n  mmar env\n  mmar env --model runs/digits   # the attention each part runs",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="also say which attention each part of this model directory runs")
     p.set_defaults(func=cmd_env)
 
     ns = parser.parse_args(argv)
