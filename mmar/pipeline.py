@@ -104,6 +104,9 @@ class MMARPipeline(LoraLoaderMixin):
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"{directory}: no such model directory")
         if is_adapter_dir(directory):  # a LoRA run's output: its base + the adapter (mmar/adapters.py)
+            if quantization is not None:
+                raise ValueError(f"{directory}: an adapter directory; quantization applies to a model directory "
+                                 "(merge the adapter first: mmar merge-lora)")
             return load_adapter_pipeline(cls, directory, device, dtype if not isinstance(dtype, str)
                                          else getattr(torch, dtype))
         if not os.path.isfile(os.path.join(directory, "config.json")):
