@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import Audio
+from .types import Audio, Image, modality_of
 
 
 def is_audio_file(path: str | os.PathLike) -> bool:
@@ -37,9 +37,12 @@ def save_output(item: Any, stem: str) -> str:
     images. Returns the path written."""
     if isinstance(item, Audio):
         return save_wav(item, stem + ".wav")
+    if isinstance(item, Image):
+        item = item.image
     item.save(stem + ".png")
     return stem + ".png"
 
 
 def kind_of(item: Any) -> str:
-    return "audio" if isinstance(item, Audio) else "image"
+    """The modality of a generated item (a PIL image is an image); ``"item"`` when nothing claims it."""
+    return modality_of(item) or "item"

@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .compat import CACHE
-from .config import MMARConfig
+from .config import MMARConfig, ModalitySpec
 from .heads import SimpleMLPAdaLN, build_head
 from .sequence import IGNORE
 from .tokenizers import ModalityTokenizer, build_tokenizer, modality_token_ids
@@ -61,16 +61,16 @@ class MMARModel(MMARPreTrainedModel):
         self.pos_embeds = nn.ModuleDict()
         self.heads = nn.ModuleDict()
         for m, spec in config.modalities.items():
-            if spec.get("vocab_size"):  # discrete codes: a codebook embedding in, a codebook head out
-                self.projections[m] = nn.Embedding(spec["vocab_size"], hidden)
-                self.heads[m] = build_head(spec["head"], cond_dim=hidden, vocab_size=spec["vocab_size"])
+            if spec.kind == "discrete":  # codes: a codebook embedding in, a codebook head out
+                self.projections[m] = nn.Embedding(spec.vocab_size, hidden)
+                self.heads[m] = build_head(spec.head, cond_dim=hidden, vocab_size=spec.vocab_size)
             else:  # continuous tokens: an MLP in, e.g. a diffusion head out (none for understanding-only)
-                dim = spec["token_dim"]
+                dim = spec.token_dim
                 self.projections[m] = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-                if spec.get("can_generate", True):
-                    self.heads[m] = build_head(spec["head"], cond_dim=hidden, token_dim=dim)
+                if spec.can_generate:
+                    self.heads[m] = build_head(spec.head, cond_dim=hidden, token_dim=dim)
             if config.pos_embed:
-                self.pos_embeds[m] = nn.Embedding(spec["num_tokens"], hidden)
+                self.pos_embeds[m] = nn.Embedding(spec.num_tokens, hidden)
         self.placeholder = config.placeholder_ids()
         self.post_init()
 
@@ -108,7 +108,7 @@ class MMARModel(MMARPreTrainedModel):
             values = values.to(self.get_input_embeddings().weight.dtype)
         x = self.projections[modality](values)
         if modality in self.pos_embeds:
-            n_per = self.config.modalities[modality]["num_tokens"]
+            n_per = self.config.modalities[modality].num_tokens
             if index is None:
                 index = torch.arange(values.shape[0], device=values.device) % n_per
             x = x + self.pos_embeds[modality](index)
@@ -173,6 +173,22 @@ def _shared(head: dict) -> dict:
     return {k: v for k, v in head.items() if k in ("width",)}
 
 
+def _complete(spec: dict | ModalitySpec, token_ids: dict[str, int]) -> ModalitySpec:
+    """A modality's spec completed from its tokenizer: the tokenizer's config, the ids, the sizes and,
+    for discrete codes, a codebook head unless another head is named."""
+    spec = spec.to_dict() if isinstance(spec, ModalitySpec) else dict(spec)
+    tok = spec["tokenizer"] if isinstance(spec["tokenizer"], ModalityTokenizer) else build_tokenizer(spec["tokenizer"])
+    out = ModalitySpec.from_dict({**spec, "tokenizer": {"name": tok.name, **tok.config()}})
+    out.num_tokens, out.token_ids = tok.num_tokens(), token_ids
+    if tok.kind == "discrete":
+        out.vocab_size = tok.vocab_size
+        if out.head.get("name") in (None, "diffusion"):
+            out.head = {"name": "codebook", **_shared(out.head)}
+    else:
+        out.token_dim, out.can_generate = tok.token_dim, tok.can_decode
+    return out
+
+
 def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwargs) -> MMARModel:
     """Build an MMARModel whose special-token ids come from ``tokenizer``.
 
@@ -182,20 +198,7 @@ def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwar
     Discrete tokenizers get a codebook embedding and, unless another head is named, a codebook head.
     """
     ids = modality_token_ids(tokenizer, modalities)
-    specs = {}
-    for m, spec in modalities.items():
-        tok = spec["tokenizer"] if isinstance(spec["tokenizer"], ModalityTokenizer) else build_tokenizer(spec["tokenizer"])
-        spec = {**spec, "tokenizer": {"name": tok.name, **tok.config()}, "num_tokens": tok.num_tokens(),
-                "token_ids": ids[m]}
-        head = spec.get("head", {})
-        if tok.kind == "discrete":
-            spec["vocab_size"] = tok.vocab_size
-            spec["head"] = head if head.get("name") not in (None, "diffusion") else {"name": "codebook",
-                                                                                     **_shared(head)}
-        else:
-            spec["token_dim"] = tok.token_dim
-            spec["can_generate"] = tok.can_decode
-        specs[m] = spec
+    specs = {m: _complete(spec, ids[m]) for m, spec in modalities.items()}
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     if isinstance(backbone, dict):

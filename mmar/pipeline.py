@@ -22,7 +22,8 @@ from PIL import ImageOps
 from .adapters import LoraLoaderMixin, is_adapter_dir, load_adapter_pipeline
 from .generation import DEFAULT_GUIDANCE, GENERATION_CONFIG_NAME, GenerationDefaults, generate  # noqa: F401 (re-exported)
 from .modeling import MMARModel
-from .sequence import Audio, Image, Message, MMARProcessor, Text, as_messages
+from .sequence import MMARProcessor
+from .types import Audio, Image, Item, Message, Text, as_messages, parse_message, parse_part, segment_class  # noqa: F401
 from .tokenizers.image_patch import load_image as _open_image
 
 __all__ = ["GENERATION_CONFIG_NAME", "GenerationDefaults", "MMARPipeline", "MMARPipelineOutput"]
@@ -137,10 +138,30 @@ class MMARPipeline(LoraLoaderMixin):
         return next(self.model.parameters()).device
 
     # -- inputs --------------------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities this model reads, from its config (in its order); text is always there too."""
+        return list(self.model.config.modalities)
+
+    def load(self, modality: str, raw: Any) -> Item:
+        """One input item for the front doors (a path or an object), checked now with a clear error naming
+        the file: the model must take ``modality`` and the file must exist; images are opened and fitted
+        to the tokenizer (:meth:`load_image`)."""
+        cls = segment_class(modality)
+        if cls is Image:
+            return Image(self.load_image(raw))
+        where = f"{os.fspath(raw)}: " if isinstance(raw, (str, os.PathLike)) else ""
+        if modality not in self.processor.modality_tokenizers:
+            handles = ", ".join(self.processor.modality_tokenizers) or "text only"
+            raise ValueError(f"{where}this model has no {modality} tokenizer (it handles {handles})")
+        if where and not os.path.isfile(raw):
+            raise FileNotFoundError(f"{where}{modality} file not found")
+        return cls.from_value(raw)
+
     def load_image(self, raw: Any) -> PILImage.Image:
         """Open a path / PIL image / uint8 array and fit it to the image tokenizer (colour mode, size by
         centre crop + resize), for front doors that take any upload. Bad files raise a clear error."""
-        tok = self.processor.modality_tokenizers.get("image")
+        tok = self.processor.modality_tokenizers.get(Image.modality)
         if tok is None:
             raise ValueError("this model takes no images; it handles "
                              f"{', '.join(self.processor.modality_tokenizers) or 'text only'}")
@@ -191,24 +212,15 @@ class MMARPipeline(LoraLoaderMixin):
     def messages(history: Any) -> list[Message]:
         """Normalise a conversation: :class:`Message` objects or ``{"role", "content"}`` dicts whose content
         is a string, a segment, a PIL image, or a list of those and of typed parts
-        (``{"type": "text", "text"}``, ``{"type": "image", "image" | "path"}``) as in chat templates."""
+        (``{"type": "text", "text"}``, ``{"type": "image", "image" | "path"}``) as in chat templates
+        (read by :func:`mmar.types.parse_message`)."""
         if isinstance(history, (Message, dict)):
             history = [history]
         if not isinstance(history, (list, tuple)) or not history:
             raise ValueError("a conversation must be a non-empty list of messages")
         if not all(isinstance(m, (Message, dict)) for m in history):
             return as_messages(history)
-        out = []
-        for m in history:
-            if isinstance(m, Message):
-                out.append(m)
-                continue
-            if "role" not in m:
-                raise ValueError(f"a chat message needs a 'role' and a 'content', got keys {sorted(m)}")
-            content = m.get("content", [])
-            parts = content if isinstance(content, (list, tuple)) else [content]
-            out.append(Message(m["role"], [_segment(p) for p in parts]))
-        return out
+        return [parse_message(m) for m in history]
 
     # -- generation ----------------------------------------------------------------------------
     def _request(self, prompt: Any, images, audio, mode: str, generator, sampling: dict, *,
@@ -310,23 +322,7 @@ class MMARPipeline(LoraLoaderMixin):
         return self(messages, **kwargs).segments[0]
 
 
+
 def _segment(part: Any) -> Any:
-    """One content part of a chat message -> a str / Text / Image / Audio segment."""
-    if isinstance(part, (str, Text, Image, Audio)):
-        return part
-    if isinstance(part, (PILImage.Image, np.ndarray)):
-        return Image(part)
-    if isinstance(part, dict):
-        kind = part.get("type")
-        if kind == "text" and "text" in part:
-            return part["text"]
-        if kind == "image":
-            for key in ("image", "path"):
-                if key in part:
-                    return Image(part[key])
-        if kind == "audio":
-            for key in ("audio", "path"):
-                if key in part:
-                    return Audio(part[key], part.get("sampling_rate"))
-    raise ValueError(f"cannot read a chat content part {part!r:.80}; give a string, an image, or "
-                     '{"type": "text", "text": ...} / {"type": "image", "image": ...}')
+    """One content part of a chat message -> a segment (kept for callers of the old name)."""
+    return parse_part(part)

@@ -20,7 +20,7 @@ import torch
 
 from .tokenizers import ModalityTokenizer, build_tokenizer, modality_token_ids, modality_tokens
 
-from .types import _MODALITY_OF, IGNORE, ROLES, Audio, Image, Message, Segment, Text, as_messages  # noqa: F401
+from .types import IGNORE, ROLES, Audio, Image, Item, Message, Segment, Text, as_messages  # noqa: F401
 
 
 def chat_markers(tokenizer) -> dict | None:
@@ -73,13 +73,13 @@ class MMARProcessor:
                                  "pass images / audio as Image / Audio segments instead")
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def encode_item(self, segment: Image | Audio) -> tuple[str, torch.Tensor]:
-        modality = _MODALITY_OF[type(segment)]
+    def encode_item(self, segment: Item) -> tuple[str, torch.Tensor]:
+        modality = segment.modality
         if modality not in self.modality_tokenizers:
             raise ValueError(f"this model has no {modality} tokenizer; it handles "
                              f"{', '.join(self.modality_tokenizers) or 'text only'}")
         tok = self.modality_tokenizers[modality]
-        raw = segment.image if modality == "image" else (segment.waveform, segment.sampling_rate)
+        raw = segment.raw()
         try:
             item = tok.preprocess(raw)
         except (ValueError, TypeError, FileNotFoundError) as e:

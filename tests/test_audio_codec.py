@@ -205,8 +205,8 @@ def test_tiny_model_trains_and_generates_audio(fitted):
     add_modality_tokens(text, ["audio"])
     modalities = {"audio": {"tokenizer": tok, "head": {"width": 32}}}
     model = build_model({**TINY_BACKBONE, "max_position_embeddings": 160}, text, modalities)
-    assert model.config.modalities["audio"]["head"]["name"] == "codebook"
-    assert model.config.modalities["audio"]["vocab_size"] == tok.vocab_size == 33
+    assert model.config.modalities["audio"].head["name"] == "codebook"
+    assert model.config.modalities["audio"].vocab_size == tok.vocab_size == 33
     proc = MMARProcessor(text, {"audio": tok})
     samples = [[Message("user", "say seven"), Message("assistant", [Audio(vowel(0.3), SR_IN)])],
                [Message("user", [Audio(vowel(0.2, f0=200), SR_IN), "which digit is said?"]),

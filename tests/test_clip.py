@@ -37,7 +37,7 @@ def test_tokens_weights_and_errors(tmp_path):
 
 def test_model_understands_but_never_generates_clip_images(tmp_path):
     model, proc = make_tiny(modalities={"image": {"tokenizer": SPEC}})
-    assert "image" not in model.heads and model.config.modalities["image"]["can_generate"] is False
+    assert "image" not in model.heads and model.config.modalities["image"].can_generate is False
     img = np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8)
     batch = proc([[Message("user", [Image(img), "which digit is this?"]), Message("assistant", "7")]])
     out = model(**batch)

@@ -69,8 +69,8 @@ def test_codebook_head_cfg_and_generators():
 def test_model_with_discrete_tokens_trains_saves_and_generates(vq_dir, tmp_path):
     mods = {"image": {"tokenizer": {"path": str(vq_dir)}, "head": {"width": 32}}}
     model, proc = make_tiny(modalities=mods)
-    assert model.config.modalities["image"]["vocab_size"] == 64
-    assert model.config.modalities["image"]["head"]["name"] == "codebook"
+    assert model.config.modalities["image"].vocab_size == 64
+    assert model.config.modalities["image"].head["name"] == "codebook"
     assert isinstance(model.projections["image"], torch.nn.Embedding)
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (8, 8), dtype=np.uint8)
@@ -92,3 +92,16 @@ def test_model_with_discrete_tokens_trains_saves_and_generates(vq_dir, tmp_path)
     codes = a.segments[0][0][1]
     assert codes.shape == (16,) and codes.dtype == torch.long and torch.equal(codes, b.segments[0][0][1])
     assert proc2.decode_item("image", codes).size == (8, 8)
+
+
+def test_demo_summary_of_a_codebook_model(vq_dir):
+    """`mmar demo`'s Model tab on an image-vq model: its tokens are codes, not vectors (no token_dim)."""
+    pytest.importorskip("gradio")
+    from mmar.pipeline import MMARPipeline
+    from mmar.app.demo import model_summary
+
+    model, proc = make_tiny(modalities={"image": {"tokenizer": {"path": str(vq_dir)}, "head": {"width": 32}}})
+    assert model.config.modalities["image"].kind == "discrete" and model.config.modalities["image"].token_dim is None
+    text = model_summary(MMARPipeline(model, proc))
+    assert "| image tokenizer | `image-vq`" in text and "16 tokens (codes out of 64) per image" in text
+    assert "| image head | `codebook`" in text

@@ -210,7 +210,7 @@ def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):
     base = MMARModel.from_pretrained(run / "base")
     assert base.config.backbone_config.model_type == "qwen2"
     assert MMARProcessor.from_pretrained(run).chat is not None  # turns laid out with ChatML markers
-    assert base.config.modalities["image"]["token_dim"] == 16  # 2x2 patches of 4 latent channels
+    assert base.config.modalities["image"].token_dim == 16  # 2x2 patches of 4 latent channels
     assert main(["merge-lora", "--adapter", str(run), "--output", str(tmp_path / "merged")]) == 0
     from mmar.pipeline import MMARPipeline
 

@@ -126,7 +126,7 @@ def test_inside_an_mmar_model_save_load_and_pipeline(tmp_path):
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
     loaded = MMARModel.from_pretrained(tmp_path).eval()
-    assert loaded.config.modalities["image"]["head"]["name"] == "flow"
+    assert loaded.config.modalities["image"].head["name"] == "flow"
     assert isinstance(loaded.heads["image"], FlowHead) and loaded.heads["image"].num_inference_steps == 4
     for k, v in model.heads.state_dict().items():
         assert torch.equal(v, loaded.heads.state_dict()[k]), k

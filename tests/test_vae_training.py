@@ -112,7 +112,7 @@ def test_model_with_the_trained_vae_trains_and_generates(trained, tmp_path):
     mods = {"image": {"tokenizer": {"path": str(tmp_path / "vae-tok")},
                       "head": {"width": 32, "depth": 1, "num_inference_steps": 3}}}
     model, proc = make_tiny(modalities=mods)
-    assert model.config.modalities["image"]["token_dim"] == 2 and model.config.modalities["image"]["num_tokens"] == 16
+    assert model.config.modalities["image"].token_dim == 2 and model.config.modalities["image"].num_tokens == 16
     img = load_digit_split("test")[0][0]
     batch = proc([[Message("user", "draw a 3"), Message("assistant", [Image(img)])]])
     vae = proc.modality_tokenizers["image"]

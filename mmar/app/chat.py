@@ -12,17 +12,23 @@ from typing import Any, TextIO
 
 import torch
 
-from ..io import kind_of, save_output, save_wav
+from ..io import kind_of, save_output
 from ..pipeline import MMARPipeline
-from ..types import Audio, Image, Message, Text
+from ..types import (Audio, Image, Item, Message, parse_part, segment_class, segment_modalities,
+                     to_messages)
 
-COMMANDS = """commands:
-  !image PATH   attach an image to your next message (repeatable)
-  !audio PATH   attach an audio clip to your next message
-  !save PATH    save the conversation as JSON, its images / audio as files next to it
-  !clear        forget the conversation and start again
-  !help         show this list
-  !exit         quit (Ctrl-D too)"""
+def commands_help(modalities: list[str]) -> str:
+    """The ``!`` commands, with one attach command per modality the model takes."""
+    attach = [f"  !{m} PATH".ljust(16) + f"attach {segment_class(m).noun or m} to your next message (repeatable)"
+              for m in modalities]
+    return "\n".join(["commands:", *attach,
+                      "  !save PATH    save the conversation as JSON, its images / audio as files next to it",
+                      "  !clear        forget the conversation and start again",
+                      "  !help         show this list",
+                      "  !exit         quit (Ctrl-D too)"])
+
+
+COMMANDS = commands_help(segment_modalities())  # every modality mmar knows, for `mmar chat --help`
 
 
 class ChatSession:
@@ -44,16 +50,15 @@ class ChatSession:
         self.out.flush()
 
     # -- attachments ---------------------------------------------------------------------------
+    def attach(self, modality: str, path: str) -> None:
+        """Attach a file to the next message; it is opened and checked now (images fitted to the model)."""
+        self.pending.append(self.pipe.load(modality, path))
+
     def attach_image(self, path: str) -> None:
-        self.pending.append(Image(self.pipe.load_image(path)))  # opens, checks and fits the file now
+        self.attach(Image.modality, path)
 
     def attach_audio(self, path: str) -> None:
-        if "audio" not in self.pipe.processor.modality_tokenizers:
-            handles = ", ".join(self.pipe.processor.modality_tokenizers) or "text only"
-            raise ValueError(f"{path}: this model has no audio tokenizer (it handles {handles})")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: audio file not found")
-        self.pending.append(Audio(path))
+        self.attach(Audio.modality, path)
 
     # -- one turn ------------------------------------------------------------------------------
     def reply(self, text: str) -> None:
@@ -78,7 +83,7 @@ class ChatSession:
                 else:
                     self.say(("" if fresh_line else "\n") + f"[{kind_of(piece)}: {self._save_generated(piece)}]")
                     fresh_line = True
-                    segments.append(piece if isinstance(piece, Audio) else Image(piece))
+                    segments.append(parse_part(piece))  # a PIL image becomes an Image segment
         except (ValueError, TypeError, FileNotFoundError) as e:
             self.history.pop()
             self.say(f"\nerror: {e}")
@@ -106,24 +111,13 @@ class ChatSession:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         stem = os.path.splitext(os.path.basename(path))[0]
-        files, messages = [path], []
-        for msg in self.history:
-            parts = []
-            for seg in msg.content:
-                if isinstance(seg, Text):
-                    parts.append({"type": "text", "text": seg.text})
-                elif isinstance(seg, Image):
-                    name = f"{stem}_{len(files)}.png"
-                    seg.image.save(os.path.join(folder, name))
-                    files.append(os.path.join(folder, name))
-                    parts.append({"type": "image", "path": name})
-                elif isinstance(seg.waveform, (str, os.PathLike)):
-                    parts.append({"type": "audio", "path": os.path.abspath(seg.waveform)})
-                else:
-                    name = f"{stem}_{len(files)}.wav"
-                    files.append(save_wav(seg, os.path.join(folder, name)))
-                    parts.append({"type": "audio", "path": name})
-            messages.append({"role": msg.role, "content": parts})
+        files = [path]
+
+        def write(item: Item) -> str:  # an item held in memory goes next to the transcript
+            files.append(save_output(item, os.path.join(folder, f"{stem}_{len(files)}")))
+            return os.path.basename(files[-1])
+
+        messages = to_messages(self.history, save=write)
         record = {"model": self.pipe.model.name_or_path, "generation": self.generation,
                   "messages": messages}
         with open(path, "w") as f:
@@ -138,23 +132,20 @@ class ChatSession:
         if name in ("exit", "quit"):
             return False
         if name == "help":
-            self.say(COMMANDS)
+            self.say(commands_help(self.pipe.modalities))
         elif name == "clear":
             self.history, self.pending = [], []
             self.say("(conversation cleared)")
-        elif name in ("image", "audio", "save") and not arg:
+        elif (name in segment_modalities() or name == "save") and not arg:
             self.say(f"error: !{name} needs a PATH")
-        elif name == "image":
-            self.attach_image(arg)
-            self.say(f"(attached {arg}; it goes with your next message)")
-        elif name == "audio":
-            self.attach_audio(arg)
+        elif name in segment_modalities():  # the model says whether it takes this modality
+            self.attach(name, arg)
             self.say(f"(attached {arg}; it goes with your next message)")
         elif name == "save":
             files = self.save(arg)
             self.say(f"(saved {files[0]}" + (f" and {len(files) - 1} image(s) next to it)" if len(files) > 1 else ")"))
         else:
-            self.say(f"error: unknown command !{name}\n{COMMANDS}")
+            self.say(f"error: unknown command !{name}\n{commands_help(self.pipe.modalities)}")
         return True
 
     def run(self, stdin: TextIO = sys.stdin) -> int:

@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 
 from ..io import is_audio_file, save_wav
 from ..pipeline import MMARPipeline
-from ..types import Audio, Image, Message
+from ..types import TEXT, Audio, Image, Item, Message, modality_of_file, parse_part
 
 MAX_FILE_SIZE = "2mb"  # per upload
 MAX_UPLOADS = 4  # files per chat message
@@ -54,11 +54,12 @@ def model_summary(pipe: MMARPipeline, limits: dict[str, Any] | None = None) -> s
              f"| backbone | `{bb.model_type}`: hidden {bb.hidden_size}, {bb.num_hidden_layers} layers, "
              f"{bb.num_attention_heads} attention heads, vocabulary {bb.vocab_size} |"]
     for m, spec in cfg.modalities.items():
-        tok = {k: v for k, v in spec["tokenizer"].items() if k != "name"}
-        head = {k: v for k, v in spec["head"].items() if k not in ("name",)}
-        lines.append(f"| {m} tokenizer | `{spec['tokenizer']['name']}` {tok}: {spec['num_tokens']} tokens "
-                     f"of {spec['token_dim']} values per {m} |")
-        lines.append(f"| {m} head | `{spec['head'].get('name', 'diffusion')}` {head} |")
+        tok = {k: v for k, v in spec.tokenizer.items() if k != "name"}
+        head = {k: v for k, v in spec.head.items() if k != "name"}
+        size = f"(codes out of {spec.vocab_size})" if spec.kind == "discrete" else f"of {spec.token_dim} values"
+        lines.append(f"| {m} tokenizer | `{spec.tokenizer.get('name')}` {tok}: {spec.num_tokens} tokens {size} "
+                     f"per {m} |")
+        lines.append(f"| {m} head | `{spec.head.get('name', 'diffusion')}` {head} |")
     gen = ", ".join(f"{k.replace('_', ' ')} {'(head default)' if v is None else v}"
                     for k, v in vars(pipe.generation_config).items())
     lines += ["", f"**Generation defaults:** {gen}"]
@@ -99,19 +100,20 @@ class _Handlers:
                            f"{files} files; this demo takes at most {MAX_HISTORY_MESSAGES}, {max_chars} and "
                            f"{MAX_HISTORY_FILES}). Press Clear, or turn off 'remember earlier turns'.")
 
-    def _image(self, path: str) -> PILImage.Image:
+    def _load(self, modality: str, raw: Any, name: str) -> Item:
+        """An input item, checked against the model and fitted to it (:meth:`MMARPipeline.load`)."""
         try:
-            return self.pipe.load_image(path)
+            return self.pipe.load(modality, raw)
         except (ValueError, TypeError, FileNotFoundError) as e:
-            raise gr.Error(f"Cannot use {os.path.basename(path)}: {e}") from e
+            raise gr.Error(f"Cannot use {name}: {e}") from e
 
-    def _upload(self, path: str) -> Image | Audio:
-        """An uploaded file as a segment: audio files as :class:`Audio`, anything else as a fitted image."""
-        if not is_audio_file(path):
-            return Image(self._image(path))
-        if "audio" not in self.pipe.processor.modality_tokenizers:
-            raise gr.Error(f"Cannot use {os.path.basename(path)}: this model takes no audio.")
-        return Audio(path)
+    def _upload(self, path: str) -> Item:
+        """An uploaded file as a segment of the modality its type says (images fitted to the model)."""
+        try:
+            modality = modality_of_file(path)
+        except ValueError as e:
+            raise gr.Error(f"Cannot use {os.path.basename(path)}: {e}") from e
+        return self._load(modality, path, os.path.basename(path))
 
     def _show(self, item: Any) -> dict:
         """A segment (uploaded or generated) as a Chatbot file message."""
@@ -122,7 +124,8 @@ class _Handlers:
         return {"path": _display(item.image if isinstance(item, Image) else item, self.folder), "alt_text": "image"}
 
     def _conversation(self, history: list[dict]) -> list[Message]:
-        """Chatbot messages (gradio's normalised format) -> mmar messages; consecutive turns of one role merge."""
+        """Chatbot messages (gradio's normalised format) -> mmar messages, read by the one content-part
+        reader; blank text and the no-reply marker are dropped; consecutive turns of one role merge."""
         turns: list[tuple[str, list]] = []
         for msg in history or []:
             if msg.get("role") not in ("user", "assistant"):
@@ -130,15 +133,15 @@ class _Handlers:
             parts = msg["content"] if isinstance(msg["content"], list) else [msg["content"]]
             segs = []
             for part in parts:
-                if isinstance(part, str):
-                    text = part
-                elif part.get("type") == "text":
-                    text = part["text"]
-                else:  # a file: {"type": "file", "file": {"path": ...}} or {"path": ...}
-                    segs.append(self._upload(part.get("file", part)["path"]))
+                text = part if isinstance(part, str) else part.get("text") if part.get("type") == TEXT else None
+                if text is not None:
+                    segs += [text] if text.strip() and text != NO_REPLY else []
                     continue
-                if text.strip() and text != NO_REPLY:
-                    segs.append(text)
+                try:  # a file: {"type": "file", "file": {"path": ...}} or {"path": ...}
+                    seg = parse_part(part)
+                except (ValueError, FileNotFoundError) as e:
+                    raise gr.Error(f"Cannot use an earlier file: {e}") from e
+                segs.append(self._load(seg.modality, seg.value, os.path.basename(seg.path or seg.modality)))
             if turns and turns[-1][0] == msg["role"]:
                 turns[-1][1].extend(segs)
             elif segs:
@@ -210,7 +213,7 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
     defaults = pipe.generation_config
     modalities = pipe.processor.modality_tokenizers
     has_images, has_audio = "image" in modalities, "audio" in modalities
-    head_steps = next((s["head"].get("num_inference_steps") for s in pipe.model.config.modalities.values()), 50)
+    head_steps = next((s.head.get("num_inference_steps") for s in pipe.model.config.modalities.values()), 50)
     steps = int(defaults.num_inference_steps or head_steps or 50)
     limits = dict(max_new_tokens=max_new_tokens, prompt_characters=max_prompt_chars, images_per_request=max_images,
                   upload_size=MAX_FILE_SIZE, queue_size=queue_size, remembered_messages=MAX_HISTORY_MESSAGES)

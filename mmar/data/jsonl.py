@@ -21,7 +21,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset
 
-from ..types import ROLES, Audio, Image, Message, Text
+from ..types import ROLES, Message, parse_message
 
 
 class BadSample(str):
@@ -33,30 +33,21 @@ class BadRecord(ValueError):
 
 
 def record_to_messages(record: Any, root: str, where: str = "record") -> list[Message]:
+    """A record -> its messages, read by the one content-part reader (:func:`mmar.types.parse_message`;
+    paths relative to ``root``). A training record also needs content in every message and an assistant
+    turn; anything wrong raises :class:`BadRecord` naming ``where``."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
         raise BadRecord(f"{where}: expected {{'messages': [...]}} with at least one message")
     messages = []
     for i, msg in enumerate(record["messages"]):
         if not isinstance(msg, dict) or msg.get("role") not in ROLES:
             raise BadRecord(f"{where}: message {i} needs a role in {ROLES}")
-        content = msg.get("content")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
+        if not isinstance(msg.get("content"), (str, list)) or not msg["content"]:
             raise BadRecord(f"{where}: message {i} has no content")
-        segments = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str) and part["text"].strip():
-                segments.append(Text(part["text"]))
-            elif kind in ("image", "audio") and isinstance(part.get("path"), str):
-                path = part["path"] if os.path.isabs(part["path"]) else os.path.join(root, part["path"])
-                if not os.path.isfile(path):
-                    raise BadRecord(f"{where}: {kind} file {path} not found")
-                segments.append(Image(path) if kind == "image" else Audio(path, part.get("sampling_rate")))
-            else:
-                raise BadRecord(f"{where}: message {i} has a bad content part {str(part)[:80]!r}")
-        messages.append(Message(msg["role"], segments))
+        try:
+            messages.append(parse_message(msg, root))
+        except (ValueError, TypeError, OSError) as e:
+            raise BadRecord(f"{where}: message {i}: {e}") from e
     if not any(m.role == "assistant" for m in messages):
         raise BadRecord(f"{where}: no assistant message, nothing to train on")
     return messages

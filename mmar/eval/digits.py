@@ -140,8 +140,8 @@ def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None 
         "text_to_image_per_digit": per_digit_acc, "classifier_heldout_accuracy": clf_acc,
         "frechet_distance": fd, "frechet_distance_real_train": fd_real,
         "n_heldout": int(len(yte)), "n_generated": len(images), "guidance_scale": guidance_scale,
-        "head": pipe.model.config.modalities["image"]["head"]["name"],
-        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"]["head"].get("num_inference_steps"),
+        "head": pipe.model.config.modalities["image"].head["name"],
+        "num_inference_steps": num_inference_steps or pipe.model.config.modalities["image"].head.get("num_inference_steps"),
         "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }

@@ -115,7 +115,7 @@ def evaluate_spoken_digits(model_dir: str, output: str | None = None, grid: str 
         clips += [row[0] for row in out.audios]
     pred = clf.predict(clips)
     target = np.array(digits)
-    head = pipe.model.config.modalities["audio"]["head"]
+    head = pipe.model.config.modalities["audio"].head
     metrics = {
         "task": "spoken-digits", "model": str(model_dir),
         "audio_to_text_accuracy": a2t, "text_to_audio_accuracy": float(np.mean(pred == target)),
