@@ -21,10 +21,12 @@ from PIL import ImageOps
 
 from .adapters import LoraLoaderMixin, is_adapter_dir, load_adapter_pipeline
 from .generation import DEFAULT_GUIDANCE, GENERATION_CONFIG_NAME, GenerationDefaults, generate  # noqa: F401 (re-exported)
+from .io import convert_image, pixel_limit
+from .io import load_image as _open_image
+from .limits import InputLimits
 from .modeling import MMARModel
 from .sequence import MMARProcessor
 from .types import Audio, Image, Item, Message, Text, as_messages, parse_message, parse_part, segment_class  # noqa: F401
-from .tokenizers.image_patch import load_image as _open_image
 
 __all__ = ["GENERATION_CONFIG_NAME", "GenerationDefaults", "MMARPipeline", "MMARPipelineOutput"]
 
@@ -165,13 +167,16 @@ class MMARPipeline(LoraLoaderMixin):
         if tok is None:
             raise ValueError("this model takes no images; it handles "
                              f"{', '.join(self.processor.modality_tokenizers) or 'text only'}")
-        img = _open_image(raw)
+        channels, size = getattr(tok, "channels", 3), getattr(tok, "image_size", None)
+        mode = "L" if channels == 1 else "RGB"
+        img = _open_image(raw, mode=mode, max_pixels=pixel_limit(size))  # limits, EXIF, 16-bit, alpha
         if isinstance(img, np.ndarray):
-            img = PILImage.fromarray(img)
+            try:
+                img = convert_image(PILImage.fromarray(img), mode)
+            except TypeError as e:
+                raise TypeError(f"cannot read an image from an array of shape {img.shape} and dtype {img.dtype}") from e
         if not isinstance(img, PILImage.Image):
             raise TypeError(f"cannot read an image from {type(img).__name__}; give a path, a PIL image or an array")
-        channels, size = getattr(tok, "channels", 3), getattr(tok, "image_size", None)
-        img = img.convert("L" if channels == 1 else "RGB")
         if size and img.size != (size, size):
             smaller = img.size[0] > size or img.size[1] > size
             img = ImageOps.fit(img, (size, size), method=PILImage.BOX if smaller else PILImage.BICUBIC)
@@ -235,8 +240,7 @@ class MMARPipeline(LoraLoaderMixin):
 
     def _run(self, req: _Request, callback=None):
         start = req.mode if req.mode in self.processor.modality_tokenizers else None
-        enc = [self.processor.encode(self._prompt(p, media), add_generation_prompt=True, start_modality=start)
-               for p, media in zip(req.prompts, req.media)]
+        enc = [self._encode(self._prompt(p, media), start, req.mode) for p, media in zip(req.prompts, req.media)]
         b = self.processor.collate(enc, padding_side="left")
         dev = self.device
         values = {m: v.to(dev) for m, v in b["values"].items()}
@@ -245,6 +249,21 @@ class MMARPipeline(LoraLoaderMixin):
                             config=req.settings, decode_text=self.processor.decode_text, mode=req.mode,
                             generator=req.generator, suppress_ids=self.processor.tokenizer.all_special_ids,
                             eos_token_id=self.processor.stop_id, progress=self.progress, callback=callback)
+
+    @property
+    def limits(self) -> InputLimits:
+        """The model's input caps (positions, items), see :mod:`mmar.limits`."""
+        if getattr(self, "_limits", None) is None:
+            self._limits = InputLimits(self.processor, self.model.config)
+        return self._limits
+
+    def _encode(self, messages: list[Message], start: str | None, mode: str):
+        """Encode one prompt within the backbone's positions: items and text are counted before anything
+        is decoded or tokenized, the exact length after (a clear ValueError either way)."""
+        self.limits.check_messages(messages)
+        enc = self.processor.encode(messages, add_generation_prompt=True, start_modality=start)
+        self.limits.check_length(len(enc), mode)
+        return enc
 
     def _decode(self, item: tuple[str, torch.Tensor], output_type: str):
         if output_type == "latent":

@@ -40,7 +40,7 @@ Type a message and press Enter; the reply streams in. Images the model draws are
 DEMO_EXAMPLES = """examples:
   mmar demo --model runs/digits                      # http://127.0.0.1:7860
   mmar demo --model runs/digits --port 8080 --max_new_tokens 32
-  mmar demo --model runs/digits --host 0.0.0.0       # reachable from other machines: mind who can reach it
+  mmar demo --model runs/digits --host 0.0.0.0 --auth me:secret   # reachable from other machines: log in
 
 The demo has a Chat tab (upload images, streamed replies), a Generate tab (prompt, guidance scale,
 steps, seed, number of images) and the model's details. Needs the demo extra: pip install "mmar[demo]".
@@ -70,10 +70,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_generate(ns: argparse.Namespace) -> int:
     import torch
 
-    from ..io import save_output
+    from ..io import read_audio, save_output
     from ..pipeline import MMARPipeline
     from ..types import Audio
-    from ..tokenizers.audio_mel import read_audio
 
     pipe = MMARPipeline.from_pretrained(ns.model)
     images = [pipe.load_image(path) for path in ns.image or []]  # clear error naming a bad file
@@ -143,6 +142,34 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return session.run()
 
 
+def _auth(s: str) -> tuple[str, str]:
+    user, sep, password = s.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected user:password")
+    return user, password
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(s: str) -> int:
+        try:
+            value = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, ``kill``) ends the demo like Ctrl-C: exit handlers run, temp folders go."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from ..pipeline import MMARPipeline
 
@@ -156,9 +183,10 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     chat_examples, prompt_examples = digits_examples() if ns.examples == "digits" else (None, None)
     demo = build_demo(pipe, max_new_tokens=ns.max_new_tokens, max_prompt_chars=ns.max_prompt_chars,
                       queue_size=ns.queue_size, chat_memory=ns.memory, chat_examples=chat_examples,
-                      prompt_examples=prompt_examples)
+                      prompt_examples=prompt_examples, max_context_tokens=ns.max_context_tokens)
+    _stop_on_sigterm()
     try:
-        launch(demo, host=ns.host, port=ns.port, share=ns.share)
+        launch(demo, host=ns.host, port=ns.port, share=ns.share, auth=ns.auth)
     except OSError as e:
         print(f"mmar demo: error: cannot serve on {ns.host}:{ns.port} ({e}); pick another --port",
               file=sys.stderr)
@@ -211,11 +239,23 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line (and exit code 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..training.arguments import add_arguments
 
-    parser = argparse.ArgumentParser(prog="mmar", description="unified multimodal autoregressive models",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="mmar", description="unified multimodal autoregressive models",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train or fine-tune a model", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", action="append", help="an input image (repeatable)")
     p.add_argument("--audio", action="append", help="an input audio clip, WAV / FLAC / ... (repeatable)")
     p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"])
-    p.add_argument("--num", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=_count(1), default=1, help="how many samples (one seed each)")
+    p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--max_new_tokens", type=int, default=None)
@@ -281,11 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_count(1), default=7860)
     p.add_argument("--share", type=_bool, default=False, metavar="BOOL", help="make a public gradio.live link")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="upper limit of the reply length")
-    p.add_argument("--max_prompt_chars", type=int, default=500, help="longest prompt accepted")
-    p.add_argument("--queue_size", type=int, default=16, help="requests waiting at most; more are refused")
+    p.add_argument("--auth", type=_auth, default=None, metavar="USER:PASSWORD",
+                   help="ask for this login (advised whenever --host is not 127.0.0.1 or --share is on)")
+    p.add_argument("--max_new_tokens", type=_count(1), default=64, help="upper limit of the reply length")
+    p.add_argument("--max_prompt_chars", type=_count(1), default=500, help="longest prompt accepted")
+    p.add_argument("--max_context_tokens", type=_count(1), default=None,
+                   help="longest remembered conversation in tokens (default 1024, at most the backbone's positions)")
+    p.add_argument("--queue_size", type=_count(1), default=16, help="requests waiting at most; more are refused")
     p.add_argument("--memory", type=_bool, default=False, metavar="BOOL",
                    help="the Chat tab's 'remember earlier turns' default (see mmar chat --help)")
     p.add_argument("--examples", default="digits", choices=["digits", "none"],
@@ -316,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)
-    except (OSError, ValueError, TypeError) as e:
-        print(f"mmar {ns.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, ImportError) as e:  # user errors: one line, never a traceback
+        print(f"mmar {ns.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mmar {ns.command}: interrupted", file=sys.stderr)

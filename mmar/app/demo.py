@@ -4,39 +4,92 @@ Tabs: **Chat** (text + image uploads, streamed replies, generated images inline)
 (text-to-image with guidance scale, steps, seed and number of images) and **Model** (config summary,
 parameter count, limits). Endpoints for ``gradio_client``: ``/chat`` and ``/generate``.
 All events share one concurrency slot, so one request runs at a time (the model is shared); the queue
-is bounded.
+is bounded. Every limit holds server-side, whatever a client sends: a remembered history ("remember
+earlier turns" is the client's choice) is capped in tokens (``max_context_tokens``), like the prompt,
+against the backbone's positions (:mod:`mmar.limits`). Messages shown to clients never name server
+paths; the demo's temporary folder is removed when the demo goes away.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import inspect
+import ipaddress
+import logging
 import math
 import os
+import re
+import shutil
+import sys
 import tempfile
+import time
 import uuid
+import weakref
 from typing import Any
 
 import gradio as gr
 import torch
 from PIL import Image as PILImage
 
-from ..io import is_audio_file, save_wav
+from ..io import save_wav
+from ..limits import max_positions
 from ..pipeline import MMARPipeline
 from ..types import TEXT, Audio, Image, Item, Message, modality_of_file, parse_part
 
 MAX_FILE_SIZE = "2mb"  # per upload
 MAX_UPLOADS = 4  # files per chat message
 MAX_HISTORY_MESSAGES = 32  # with memory on: earlier messages sent back to the model, at most ...
-MAX_HISTORY_FILES = 16  # ... holding at most this many files (and 32 prompts' worth of text)
+MAX_HISTORY_FILES = 16  # ... holding at most this many files ...
+MAX_CONTEXT_TOKENS = 1024  # ... and, with the new message, at most this many tokens (or the backbone's positions)
+FILE_AGE = 15 * 60  # seconds a displayed file stays in the demo's folder (gradio has copied it by then)
 MAX_SEED = 2**32 - 1
 DISPLAY_SIZE = 160  # generated images are shown scaled up (nearest neighbour) to at least this many pixels
 NO_REPLY = "(no reply)"  # shown when the model stops at once; never sent back to it
 CSS = "#gen-gallery img, .message img { image-rendering: pixelated; }"
+# an absolute path (POSIX or Windows) inside a message: clients see its last component only
+_PATH = re.compile(r"(?<![\w.:/])(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"`]+)+")
+log = logging.getLogger(__name__)
 
 
-def _display(img: PILImage.Image, folder: str) -> str:
-    """Scale a small image up for display (pixel-exact) and save it as a PNG; returns the path."""
+def public(message: str) -> str:
+    """``message`` with every absolute path cut to its file name (server folders, gradio's temp paths,
+    the model directory stay private)."""
+    return _PATH.sub(lambda m: re.split(r"[\\/]", m.group(0))[-1], str(message))
+
+
+def _client_errors(fn):
+    """Turn a handler's errors into messages fit for a client: user errors (ValueError, TypeError, OSError,
+    gr.Error) without server paths; anything else is logged here and shown as an internal error."""
+    def refuse(e: BaseException) -> gr.Error:
+        if isinstance(e, gr.Error):
+            return gr.Error(public(e.message))
+        if isinstance(e, (ValueError, TypeError, OSError)):
+            return gr.Error(public(str(e)))
+        log.exception("demo handler %s failed", fn.__name__)
+        return gr.Error(f"Internal error ({type(e).__name__}); the server log has the details.")
+
+    if inspect.isgeneratorfunction(fn):  # gradio streams generator functions: the wrapper must be one too
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - every error reaches the client as a clean message
+                raise refuse(e) from None
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - every error reaches the client as a clean message
+            raise refuse(e) from None
+    return call
+
+
+def _display(img: PILImage.Image, path: str) -> str:
+    """Scale a small image up for display (pixel-exact) and save it as a PNG at ``path``; returns it."""
     factor = max(1, math.ceil(DISPLAY_SIZE / max(img.size)))
-    path = os.path.join(folder, f"{uuid.uuid4().hex[:12]}.png")
     img.resize((img.width * factor, img.height * factor), PILImage.NEAREST).save(path)
     return path
 
@@ -47,7 +100,7 @@ def model_summary(pipe: MMARPipeline, limits: dict[str, Any] | None = None) -> s
     bb = cfg.backbone_config
     total = sum(p.numel() for p in model.parameters())
     heads = sum(p.numel() for p in model.heads.parameters())
-    lines = [f"**Model directory:** `{model.name_or_path}`  ",
+    lines = [f"**Model:** `{os.path.basename(os.path.normpath(str(model.name_or_path))) or 'in memory'}`  ",
              f"**Parameters:** {total / 1e6:.2f}M ({heads / 1e6:.2f}M in the modality heads), "
              f"{next(model.parameters()).dtype}, on `{pipe.device}`", "",
              "| part | settings |", "| --- | --- |",
@@ -72,10 +125,27 @@ def model_summary(pipe: MMARPipeline, limits: dict[str, Any] | None = None) -> s
 class _Handlers:
     """The event functions, bound to one pipeline and the demo's limits."""
 
-    def __init__(self, pipe: MMARPipeline, max_new_tokens: int, max_prompt_chars: int, max_images: int):
+    def __init__(self, pipe: MMARPipeline, max_new_tokens: int, max_prompt_chars: int, max_images: int,
+                 max_context_tokens: int | None = None):
         self.pipe, self.max_new_tokens = pipe, max_new_tokens
         self.max_prompt_chars, self.max_images = max_prompt_chars, max_images
+        positions = max_positions(pipe.model.config)
+        self.max_context_tokens = min(t for t in (max_context_tokens or MAX_CONTEXT_TOKENS, positions) if t)
         self.folder = tempfile.mkdtemp(prefix="mmar-demo-")
+        # removed when the handlers are collected or the interpreter exits, whichever comes first
+        self.close = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+
+    def _new_path(self, suffix: str) -> str:
+        """A fresh file in the demo's folder; files older than FILE_AGE go (gradio copied them long ago)."""
+        now = time.time()
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                try:
+                    if now - entry.stat().st_mtime > FILE_AGE:
+                        os.remove(entry.path)
+                except OSError:
+                    pass
+        return os.path.join(self.folder, f"{uuid.uuid4().hex[:12]}{suffix}")
 
     def _check_prompt(self, text: str) -> str:
         text = (text or "").strip()
@@ -84,28 +154,45 @@ class _Handlers:
                            f"this demo takes at most {self.max_prompt_chars}.")
         return text
 
-    def _check_history(self, history: list[dict]) -> None:
-        """With memory on the earlier turns go to the model too: bound them as the new message is bounded."""
-        chars = files = 0
+    def _check_history(self, history: list[dict], text: str, uploads: int) -> None:
+        """With memory on the earlier turns go to the model too: whatever the client sends, bound them in
+        messages, files and tokens (with the new message), before any of their files is opened."""
+        texts, items, files = [text] if text else [], {}, uploads
         for msg in history:
-            content = msg.get("content")
+            content = msg.get("content") if isinstance(msg, dict) else None
             for part in content if isinstance(content, list) else [content]:
                 if isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"):
-                    chars += len(part if isinstance(part, str) else part.get("text") or "")
+                    words = part if isinstance(part, str) else part.get("text")
+                    if isinstance(words, str) and words.strip():
+                        texts.append(words)
                 elif part is not None:
                     files += 1
-        max_chars = MAX_HISTORY_MESSAGES * self.max_prompt_chars
-        if len(history) > MAX_HISTORY_MESSAGES or chars > max_chars or files > MAX_HISTORY_FILES:
-            raise gr.Error(f"The conversation is too long to remember ({len(history)} messages, {chars} characters, "
-                           f"{files} files; this demo takes at most {MAX_HISTORY_MESSAGES}, {max_chars} and "
-                           f"{MAX_HISTORY_FILES}). Press Clear, or turn off 'remember earlier turns'.")
+                    file = part.get("file", part) if isinstance(part, dict) else None
+                    path = file.get("path") if isinstance(file, dict) else None
+                    try:
+                        modality = modality_of_file(str(path or ""))
+                    except (ValueError, TypeError, AttributeError):  # refused when it is opened, if ever
+                        modality = None
+                    items[modality] = items.get(modality, 0) + 1
+        advice = "Press Clear, or turn off 'remember earlier turns'."
+        if len(history) > MAX_HISTORY_MESSAGES or files > MAX_HISTORY_FILES:
+            raise gr.Error(f"The conversation is too long to remember ({len(history)} messages, {files} files; this "
+                           f"demo takes at most {MAX_HISTORY_MESSAGES} and {MAX_HISTORY_FILES}). {advice}")
+        cap = self.max_context_tokens
+        try:  # cheap bounds first, so the text tokenized to count is bounded too
+            tokens = self.pipe.limits.count_parts(len(history) + 1, texts, items, limit=cap)
+        except ValueError as e:
+            raise gr.Error(f"The conversation is too long to remember ({e}). {advice}") from e
+        if tokens > cap:
+            raise gr.Error(f"The conversation is too long to remember ({tokens} tokens; this demo takes at most "
+                           f"{cap}). {advice}")
 
     def _load(self, modality: str, raw: Any, name: str) -> Item:
         """An input item, checked against the model and fitted to it (:meth:`MMARPipeline.load`)."""
         try:
             return self.pipe.load(modality, raw)
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            raise gr.Error(f"Cannot use {name}: {e}") from e
+        except (ValueError, TypeError, OSError) as e:  # e.g. a decompression bomb: a clear refusal
+            raise gr.Error(f"Cannot use {name}: {public(e)}") from e
 
     def _upload(self, path: str) -> Item:
         """An uploaded file as a segment of the modality its type says (images fitted to the model)."""
@@ -118,10 +205,10 @@ class _Handlers:
     def _show(self, item: Any) -> dict:
         """A segment (uploaded or generated) as a Chatbot file message."""
         if isinstance(item, Audio):
-            path = item.waveform if isinstance(item.waveform, str) else save_wav(
-                item, os.path.join(self.folder, f"{uuid.uuid4().hex[:12]}.wav"))
+            path = item.waveform if isinstance(item.waveform, str) else save_wav(item, self._new_path(".wav"))
             return {"path": path, "alt_text": "audio"}
-        return {"path": _display(item.image if isinstance(item, Image) else item, self.folder), "alt_text": "image"}
+        return {"path": _display(item.image if isinstance(item, Image) else item, self._new_path(".png")),
+                "alt_text": "image"}
 
     def _conversation(self, history: list[dict]) -> list[Message]:
         """Chatbot messages (gradio's normalised format) -> mmar messages, read by the one content-part
@@ -148,6 +235,7 @@ class _Handlers:
                 turns.append((msg["role"], segs))
         return [Message(role, segs) for role, segs in turns if segs]
 
+    @_client_errors
     def chat(self, message: dict | None, history: list[dict] | None, temperature: float, max_new_tokens: float,
              guidance_scale: float, memory: bool = False):
         """Stream the reply to ``message`` ({"text", "files"}); yields (chatbot, textbox) updates.
@@ -158,9 +246,9 @@ class _Handlers:
             raise gr.Error("Type a message or attach a file.")
         if len(files) > MAX_UPLOADS:
             raise gr.Error(f"Attach at most {MAX_UPLOADS} files to one message.")
+        if memory:  # the client's choice: bounded here all the same, before any file is opened
+            self._check_history(history, text, len(files))
         uploads = [self._upload(f) for f in files]
-        if memory:
-            self._check_history(history)
         earlier = self._conversation(history) if memory else []
         conversation = earlier + [Message("user", [*uploads, *([text] if text else [])])]
         history += [{"role": "user", "content": self._show(item)} for item in uploads]
@@ -185,6 +273,7 @@ class _Handlers:
         if not parts:
             yield history + [{"role": "assistant", "content": NO_REPLY}], gr.skip()
 
+    @_client_errors
     def generate(self, prompt: str, guidance_scale: float, num_inference_steps: float, seed: float,
                  num_images: float, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
         """Text-to-image: ``num_images`` images, image i drawn with seed ``seed + i``."""
@@ -201,22 +290,26 @@ class _Handlers:
                             num_inference_steps=int(num_inference_steps), generator=gens)
         except (ValueError, TypeError) as e:
             raise gr.Error(str(e)) from e
-        return [(_display(imgs[0], self.folder), f"seed {seed + i}") for i, imgs in enumerate(out.images) if imgs]
+        return [(_display(imgs[0], self._new_path(".png")), f"seed {seed + i}")
+                for i, imgs in enumerate(out.images) if imgs]
 
 
 def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars: int = 500, max_images: int = 8,
                max_steps: int = 100, queue_size: int = 16, chat_memory: bool = False,
-               chat_examples: list[dict] | None = None,
-               prompt_examples: list[str] | None = None, title: str = "mmar") -> gr.Blocks:
-    """The demo app for one pipeline; limits are enforced server-side. Launch it with :func:`launch`."""
-    h = _Handlers(pipe, max_new_tokens, max_prompt_chars, max_images)
+               chat_examples: list[dict] | None = None, prompt_examples: list[str] | None = None,
+               title: str = "mmar", max_context_tokens: int | None = None) -> gr.Blocks:
+    """The demo app for one pipeline; limits are enforced server-side (``max_context_tokens``: a remembered
+    conversation's length, default ``MAX_CONTEXT_TOKENS``, never more than the backbone's positions).
+    Launch it with :func:`launch`."""
+    h = _Handlers(pipe, max_new_tokens, max_prompt_chars, max_images, max_context_tokens)
     defaults = pipe.generation_config
     modalities = pipe.processor.modality_tokenizers
     has_images, has_audio = "image" in modalities, "audio" in modalities
     head_steps = next((s.head.get("num_inference_steps") for s in pipe.model.config.modalities.values()), 50)
     steps = int(defaults.num_inference_steps or head_steps or 50)
     limits = dict(max_new_tokens=max_new_tokens, prompt_characters=max_prompt_chars, images_per_request=max_images,
-                  upload_size=MAX_FILE_SIZE, queue_size=queue_size, remembered_messages=MAX_HISTORY_MESSAGES)
+                  upload_size=MAX_FILE_SIZE, queue_size=queue_size, remembered_messages=MAX_HISTORY_MESSAGES,
+                  remembered_tokens=h.max_context_tokens)
     with gr.Blocks(title=f"{title} demo") as demo:
         gr.Markdown(f"# {title}\nOne causal backbone reads and writes interleaved text and images: an LM head "
                     "predicts text, a diffusion head predicts each image token.")
@@ -268,10 +361,34 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
     return demo
 
 
+def is_loopback(host: str | None) -> bool:
+    """True when ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host in (None, "localhost"):
+        return host is not None
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: assume others can reach it
+        return False
+
+
+def exposure_warning(host: str | None, share: bool, auth: Any) -> str | None:
+    """The warning for a demo others can reach (a non-loopback host, or a share link) without a login."""
+    if auth or (is_loopback(host) and not share):
+        return None
+    where = "a public gradio.live link" if share else f"{host or 'every interface'}"
+    return (f"warning: the demo is served on {where} without a login: anyone who can reach it can use the "
+            "model (and its CPU / GPU time); pass --auth user:password (launch(..., auth=(user, password))).")
+
+
 def launch(demo: gr.Blocks, host: str | None = "127.0.0.1", port: int | None = 7860, share: bool = False,
-           **kwargs: Any):
-    """Serve the demo: binds ``host`` (this machine only by default), caps uploads at ``MAX_FILE_SIZE``."""
-    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+           auth: tuple[str, str] | None = None, **kwargs: Any):
+    """Serve the demo: binds ``host`` (this machine only by default), caps uploads at ``MAX_FILE_SIZE``;
+    ``auth`` = (user, password) asks for a login (gradio's ``auth``). Serving a non-loopback host or a
+    share link without ``auth`` prints a warning."""
+    warning = exposure_warning(host, share, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return demo.launch(server_name=host, server_port=port, share=share, auth=auth, max_file_size=MAX_FILE_SIZE,
                        show_error=True, css=CSS, **kwargs)
 
 
@@ -279,7 +396,9 @@ def digits_examples(folder: str | None = None, count: int = 2) -> tuple[list[dic
     """Examples for the built-in digits model: chat messages (with held-out digit images) and prompts."""
     from ..data.digits import load_digit_split
 
-    folder = folder or tempfile.mkdtemp(prefix="mmar-examples-")
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="mmar-examples-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)  # ours: gone when the demo's process ends
     x, _ = load_digit_split("test")
     paths = []
     for i in range(count):

@@ -8,20 +8,22 @@ unit scale. Every ``frames_per_token`` consecutive frames become one token of
 power back to linear frequencies (non-negative least squares) and recovers a phase with fast
 Griffin-Lim (torch STFT / ISTFT), giving :class:`mmar.sequence.Audio` items.
 
-Paths are read with soundfile; bad files (missing, unreadable, truncated WAV, no samples, NaN /
-inf) raise errors naming the file and the problem.
+Paths are read by :func:`mmar.io.read_audio` (only the seconds a clip keeps); bad files (missing,
+unreadable, truncated WAV, no samples, NaN / inf, a sampling rate out of bounds) raise errors naming the
+file and the problem.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import struct
 from typing import Any
 
 import numpy as np
 import torch
 
+# reading and writing audio files live in mmar.io (the one place); the old names stay importable here
+from ..io import RESAMPLE_MARGIN_SECONDS, check_sampling_rate, read_audio, write_wav  # noqa: F401
 from ..types import Audio
 from .base import ModalityTokenizer, register_tokenizer
 from .layout import frames_to_tokens, tokens_to_frames
@@ -30,60 +32,6 @@ INT_SCALES = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.
 MAX_CHANNELS = 8  # a 2-D array with more than this many "channels" is a mistake, not multichannel audio
 NNLS_ITERS = 30  # multiplicative updates of the mel -> linear inversion
 EPS = 1e-10
-STREAMING_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)  # data sizes written by streaming encoders, not truncation
-
-
-def _wav_truncation(path: str) -> str | None:
-    """For a RIFF/WAVE file whose data chunk promises more bytes than the file holds, say so."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return None
-        at = 12
-        while at + 8 <= size:
-            f.seek(at)
-            chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
-            if chunk_id == b"data":
-                held = size - at - 8
-                if chunk_size not in STREAMING_SIZES and chunk_size > held:
-                    return f"truncated WAV: its header declares {chunk_size} bytes of audio, the file holds {held}"
-                return None
-            at += 8 + chunk_size + (chunk_size & 1)
-    return None
-
-
-def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read an audio file with soundfile as float32 ``[samples]`` (channels averaged) and its rate."""
-    import soundfile as sf
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: audio file not found")
-    problem = _wav_truncation(path)
-    if problem:
-        raise ValueError(f"{path}: {problem}")
-    try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable audio file ({e})") from e
-    if data.shape[0] == 0:
-        raise ValueError(f"{path}: the audio file holds no samples (zero length)")
-    return data.mean(axis=1), int(sr)
-
-
-def write_wav(path: str | os.PathLike, audio: Any, sampling_rate: int | None = None) -> str:
-    """Write an :class:`~mmar.sequence.Audio` (or a 1-D waveform plus its rate) as a 16-bit WAV file."""
-    import soundfile as sf
-
-    waveform = getattr(audio, "waveform", audio)
-    sr = sampling_rate or getattr(audio, "sampling_rate", None)
-    if sr is None:
-        raise ValueError("write_wav needs a sampling rate: give an Audio item or sampling_rate=")
-    wave = np.asarray(torch.as_tensor(waveform, dtype=torch.float32).cpu(), dtype=np.float32).reshape(-1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sf.write(os.fspath(path), np.clip(wave, -1.0, 1.0), int(sr), subtype="PCM_16")
-    return os.fspath(path)
 
 
 def to_mono(waveform: Any) -> np.ndarray:
@@ -103,14 +51,19 @@ def to_mono(waveform: Any) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def resample(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Polyphase resampling (scipy) from ``orig_sr`` to ``target_sr``."""
+def resample(waveform: np.ndarray, orig_sr: int, target_sr: int, max_samples: int | None = None) -> np.ndarray:
+    """Polyphase resampling (scipy) from ``orig_sr`` to ``target_sr``. With ``max_samples`` the input is
+    cropped first to what those output samples need (plus the filter's support), so the work and memory
+    follow the output, never the input's length."""
+    if max_samples is not None:
+        needed = math.ceil(max_samples * orig_sr / target_sr) + math.ceil(RESAMPLE_MARGIN_SECONDS * orig_sr)
+        waveform = waveform[:needed]
     if orig_sr == target_sr:
-        return waveform
+        return waveform[:max_samples]
     from scipy.signal import resample_poly
 
     g = math.gcd(int(orig_sr), int(target_sr))
-    return resample_poly(waveform, target_sr // g, orig_sr // g).astype(np.float32)
+    return resample_poly(waveform, target_sr // g, orig_sr // g).astype(np.float32)[:max_samples]
 
 
 @register_tokenizer("audio-mel")
@@ -164,7 +117,7 @@ class AudioMelTokenizer(ModalityTokenizer):
         where = ""
         if isinstance(raw, (str, os.PathLike)):
             where = f"{os.fspath(raw)}: "
-            raw, file_sr = read_audio(raw)
+            raw, file_sr = read_audio(raw, max_seconds=self.max_seconds)  # never more than a clip holds
             if sr is not None and sr != file_sr:
                 raise ValueError(f"{where}the file is at {file_sr} Hz but sampling_rate={sr} was given")
             sr = file_sr
@@ -173,14 +126,14 @@ class AudioMelTokenizer(ModalityTokenizer):
                             "with its sampling rate")
         elif sr is None:
             raise ValueError("a waveform needs its sampling rate: give Audio(waveform, sampling_rate)")
+        sr = check_sampling_rate(sr, where)
         wave = to_mono(raw)
         if wave.size == 0:
             raise ValueError(f"{where}the audio has no samples (zero length)")
+        # crop before checking and resampling: the cost follows the clip a model keeps, not the input
+        wave = resample(wave, sr, self.sampling_rate, max_samples=self.num_samples)
         if not np.isfinite(wave).all():
             raise ValueError(f"{where}the audio contains NaN or inf samples")
-        if int(sr) <= 0:
-            raise ValueError(f"{where}sampling rate must be positive, got {sr}")
-        wave = resample(wave, int(sr), self.sampling_rate)[: self.num_samples]
         out = torch.zeros(self.num_samples)
         out[: wave.shape[0]] = torch.from_numpy(np.ascontiguousarray(wave))
         return out

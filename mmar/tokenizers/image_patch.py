@@ -8,32 +8,17 @@ values in raster order, normalised to roughly [-1, 1].
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..io import load_image, pixel_limit  # the one image loader (limits, modes); old name importable here
 from .base import ModalityTokenizer, register_tokenizer
 from .layout import patchify, unpatchify
 
 _MODES = {1: "L", 3: "RGB"}
-
-
-def load_image(raw: Any) -> Image.Image | np.ndarray | torch.Tensor:
-    """Open a path as a PIL image with a clear error; pass other objects through."""
-    if isinstance(raw, (str, os.PathLike)):
-        path = os.fspath(raw)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: image file not found")
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{path}: not a readable image ({e})") from e
-    return raw
 
 
 @register_tokenizer("image-patch")
@@ -62,13 +47,10 @@ class ImagePatchTokenizer(ModalityTokenizer):
     # -- raw <-> pixels ------------------------------------------------------------------------
     def preprocess(self, raw: Any) -> torch.Tensor:
         """PIL image, path, uint8 array ``[H, W(, C)]`` or float tensor ``[C, H, W]`` in [0, 1] -> ``[C, H, W]``."""
-        raw = load_image(raw)
         size, mode = self.image_size, _MODES[self.channels]
+        # paths and PIL images: pixel limit, EXIF, 16-bit, transparency and mode, all in mmar.io
+        raw = load_image(raw, mode=mode, max_pixels=pixel_limit(size))
         if isinstance(raw, Image.Image):
-            if raw.mode != mode:
-                if raw.mode not in ("L", "RGB", "RGBA", "P", "LA", "I;16", "I", "F", "1", "CMYK", "YCbCr"):
-                    raise ValueError(f"image mode {raw.mode!r} cannot be converted to {mode!r}")
-                raw = raw.convert(mode)
             if raw.size != (size, size):
                 if not self.resize:
                     raise ValueError(f"image is {raw.size[0]}x{raw.size[1]}, this tokenizer takes {size}x{size} "
