@@ -4,11 +4,17 @@
 2. ``--trials`` SIGKILL-and-resume trials of `mmar train` on a tiny model (``python -m tests.robustness.faults``);
    when some do not reproduce the uninterrupted losses, the same trials again with ``--cond_dropout_prob 0``;
 3. the demo under load: ``--sessions`` gradio_client sessions on 127.0.0.1, ``--per_session`` requests
-   each in two rounds (the scenario of tests/robustness/test_demo_load.py), RSS of the server measured.
+   each in two rounds (the scenario of tests/robustness/test_demo_load.py), RSS of the server measured;
+4. hostile inputs (issue 10): the regression tests of tests/robustness/test_inputs*.py (bombs, 16-bit /
+   EXIF / transparent images, tiny WAV rates, over-long prompts and histories, too many items, CLI errors,
+   server paths), and the worst client a demo with the CLI's default limits may have: ``--worst_rounds``
+   rounds of the costliest requests it may send, the server's peak RSS over its idle RSS measured against
+   the documented bound (``WORST_CLIENT_RSS_MB``).
 
 Writes the "robustness" section of BENCHMARKS.md and prints its table.
 
     python benchmarks/robustness.py [--fuzz_examples 1000] [--trials 10] [--sessions 20 --per_session 12]
+                                    [--worst_rounds 3]
 """
 
 from __future__ import annotations
@@ -31,10 +37,15 @@ FUZZ_LINE = re.compile(r"\[fuzz\] (.+?): (\d+) cases, (\d+) clear errors, (\d+) 
 FUZZ_WHAT = {"image inputs": "image inputs (arrays of any shape, NaN / inf tensors, wrong types)",
              "corrupt files": "corrupt files (random bytes, truncated PNG / JPEG / WAV, huge images)",
              "texts and roles": "texts and roles (special tokens typed in, control characters, unknown roles)",
-             "jsonl records": "JSONL training records (broken JSON, wrong shapes, missing images)"}
+             "jsonl records": "JSONL training records (broken JSON, wrong shapes, missing images)",
+             "image files": "image files (bomb headers, 16-bit levels, alpha onto white, EXIF orientations)",
+             "audio files": "WAV files (declared rates 1 Hz - 1 MHz, any length; memory while preprocessing)",
+             "prompt sizes": "prompt sizes (up to 30k repeated characters, emoji, 0-60 images) vs positions"}
 FUZZ_TESTS = {"test_image_tokenizer_and_sequence_builder": "image inputs", "test_corrupt_files_name_the_file":
               "corrupt files", "test_text_and_roles": "texts and roles", "test_jsonl_loader_skips_and_counts":
-              "jsonl records"}
+              "jsonl records", "test_image_files_decode_within_limits_and_convert_right": "image files",
+              "test_audio_files_cost_what_a_clip_keeps": "audio files",
+              "test_prompt_sizes_and_item_counts": "prompt sizes"}
 RECORDS, BATCH = 40, 8  # the kill-and-resume trials' chat records and batch size
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -119,7 +130,33 @@ def load(model_dir: str, workdir: str, sessions: int, per_session: int) -> dict:
             "rss": rss, "seconds": sum(r["seconds"] for r in rounds), "alive": alive}
 
 
-def table(f: dict, k: dict, ld: dict, fuzz_examples: int) -> str:
+def inputs() -> dict:
+    """The hostile-input regression tests (all but the worst-client one, measured apart by :func:`worst`)."""
+    cmd = [sys.executable, "-m", "pytest", "tests/robustness/test_inputs.py", "tests/robustness/test_inputs_demo.py",
+           "-q", "-p", "no:cacheprovider", "-k", "not worst_client"]
+    start = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", res.stdout.splitlines()[-1])}
+    return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0) + counts.get("error", 0),
+            "seconds": time.time() - start}
+
+
+def worst(model_dir: str, workdir: str, rounds: int) -> dict:
+    """The worst client against `mmar demo` with the CLI's default limits (tests/robustness/test_inputs_demo.py)."""
+    import gradio_client
+
+    from tests.robustness.test_demo_load import serve
+    from tests.robustness.test_inputs_demo import WORST_CLIENT_RSS_MB, digit_and_bomb, worst_client_round
+
+    with serve(model_dir, os.path.join(workdir, "server")) as (proc, url):
+        client = gradio_client.Client(url, verbose=False, download_files=os.path.join(workdir, "downloads"))
+        client.submit("draw a 3", 1.0, 2, 0, 1, api_name="/generate").result(timeout=60)  # warm
+        r = worst_client_round(client, proc.pid, *digit_and_bomb(workdir), rounds=rounds)
+        r["alive"] = proc.poll() is None
+    return {**r, "bound_mb": WORST_CLIENT_RSS_MB, "rounds": rounds}
+
+
+def table(f: dict, k: dict, ld: dict, fuzz_examples: int, hi: dict | None = None, w: dict | None = None) -> str:
     rows = ["| check | tried | result |", "|---|---|---|"]
     for g in f["groups"]:
         rows.append(f"| fuzz: {FUZZ_WHAT.get(g['name'], g['name'])} | {g['cases']} cases | {g['clear']} clear errors, "
@@ -140,6 +177,18 @@ def table(f: dict, k: dict, ld: dict, fuzz_examples: int) -> str:
                 f"/chat (text and uploads), tiny model | **{ld['requests']} requests** | **{ld['served']} served, "
                 f"{len(ld['errors'])} errors**; server RSS {r0:.0f} MB at start, {r1:.0f} MB after the first half, "
                 f"{r2:.0f} MB after the last ({r2 - r1:+.0f} MB); {ld['seconds']:.0f} s |")
+    if hi is not None:
+        rows.append(f"| hostile inputs (issue 10): decompression bombs, 16-bit / EXIF / transparent images, 1 Hz WAVs, "
+                    f"over-long prompts and remembered histories, 50 images, CLI user errors, server paths in "
+                    f"messages | {hi['passed'] + hi['failed']} regression tests | **{hi['passed']} passed, "
+                    f"{hi['failed']} failed** ({hi['seconds']:.0f} s) |")
+    if w is not None:
+        grew = w["peak_mb"] - w["idle_mb"]
+        rows.append(f"| the worst client: `mmar demo` with its default limits, tiny model, {w['rounds']} rounds of the "
+                    f"costliest requests allowed (remembered histories up to the caps, 4 uploads, CFG 10, 64 tokens, "
+                    f"8 images x 100 steps, bombs) | **{w['requests']} requests** | {w['answered']} answered, "
+                    f"{w['refused']} refused with a message; server RSS {w['idle_mb']:.0f} MB idle, peak "
+                    f"{w['peak_mb']:.0f} MB (**{grew:+.0f} MB**, bound +{w['bound_mb']} MB); {w['seconds']:.0f} s |")
     return "\n".join(rows)
 
 
@@ -167,6 +216,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10, help="kill-and-resume trials")
     ap.add_argument("--sessions", type=int, default=20, help="concurrent demo sessions")
     ap.add_argument("--per_session", type=int, default=12, help="requests per session")
+    ap.add_argument("--worst_rounds", type=int, default=3, help="rounds of the worst client's requests")
     args = ap.parse_args()
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="mmar-robustness-") as work:
@@ -181,16 +231,21 @@ def main() -> None:
                                        "--cond_dropout_prob", "0")
         print(f"the demo under load: {args.sessions} sessions x {args.per_session} requests ...", flush=True)
         ld = load(model_dir, os.path.join(work, "load"), args.sessions, args.per_session)
+        print("hostile-input regression tests ...", flush=True)
+        hi = inputs()
+        print(f"the worst client, {args.worst_rounds} rounds ...", flush=True)
+        w = worst(model_dir, os.path.join(work, "worst"), args.worst_rounds)
     minutes = (time.time() - start) / 60
     cmd = (f"python benchmarks/robustness.py --fuzz_examples {args.fuzz_examples} --trials {args.trials} "
-           f"--sessions {args.sessions} --per_session {args.per_session}")
-    body = table(f, k, ld, args.fuzz_examples)
+           f"--sessions {args.sessions} --per_session {args.per_session} --worst_rounds {args.worst_rounds}")
+    body = table(f, k, ld, args.fuzz_examples, hi, w)
     update_section("robustness", "\n".join(["## Robustness: bad input, crashes, load", "",
                                             f"`{cmd}` on {machine()}; {minutes:.1f} min in all.", "", body, "",
                                             *notes(k, ld)]))
     print(body)
     print(f"\n{cmd}: {minutes:.1f} min; BENCHMARKS.md updated")
     failed = f["failed_tests"] or k["identical"] < k["trials"] or ld["errors"] or ld["served"] < ld["requests"]
+    failed = failed or hi["failed"] or not w["alive"] or w["peak_mb"] - w["idle_mb"] > w["bound_mb"]
     sys.exit(1 if failed else 0)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from .layout import frames_to_tokens, tokens_to_frames
 
 INT_SCALES = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.uint8): 128.0}
 MAX_CHANNELS = 8  # a 2-D array with more than this many "channels" is a mistake, not multichannel audio
+MAX_POLYPHASE = 1000  # resampling ratios are kept to up / down factors of about this size (filter length)
 NNLS_ITERS = 30  # multiplicative updates of the mel -> linear inversion
 EPS = 1e-10
 
@@ -62,8 +64,12 @@ def resample(waveform: np.ndarray, orig_sr: int, target_sr: int, max_samples: in
         return waveform[:max_samples]
     from scipy.signal import resample_poly
 
-    g = math.gcd(int(orig_sr), int(target_sr))
-    return resample_poly(waveform, target_sr // g, orig_sr // g).astype(np.float32)[:max_samples]
+    ratio = Fraction(int(target_sr), int(orig_sr))
+    if max(ratio.numerator, ratio.denominator) > MAX_POLYPHASE:
+        # a rate coprime with the target (say 40787 Hz) would need a filter of 10 x 40787 x 2 taps: the
+        # nearest ratio with a small denominator is off by about one part in a million, inaudible
+        ratio = ratio.limit_denominator(MAX_POLYPHASE)
+    return resample_poly(waveform, ratio.numerator, ratio.denominator).astype(np.float32)[:max_samples]
 
 
 @register_tokenizer("audio-mel")

@@ -1,13 +1,19 @@
 """Fuzzing the front doors with hypothesis: every bad input gets a clear error (ValueError / TypeError /
 FileNotFoundError naming the problem), never a crash, a hang or another exception type.
 
-Cases per test are set by ``FUZZ_EXAMPLES`` (default 150; 4 tests => 600 cases in CI).
+Besides "a clear error or a valid answer", the loader tests check properties of what is accepted (the
+16-bit scale, alpha onto white, EXIF orientation) and bounds on what an input may cost (pixels decoded,
+memory while preprocessing audio, prompt positions): issue 10's items 2, 6, 7 and 10 are each one of these
+properties failing.
+
+Cases per test are set by ``FUZZ_EXAMPLES`` (default 150; 7 tests => 1050 cases in CI).
 """
 
 import io
 import json
 import os
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -18,6 +24,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mmar import Audio, Image, Message  # noqa: E402
+from mmar.io import load_image, pixel_limit  # noqa: E402
 from mmar.training.data import Collator, SafeDataset  # noqa: E402
 from mmar.training.jsonl import ChatDataset  # noqa: E402
 
@@ -140,6 +147,126 @@ def test_jsonl_loader_skips_and_counts(tiny, tmp_path_factory, lines):
     assert batch is not None  # the good record always survives
     assert collator.skipped + batch["input_ids"].shape[0] == len(ds)
     _count("jsonl records", "ok" if collator.skipped == 0 else "clear_error")
+
+
+# -- the image loader: bombs, 16-bit, transparency, EXIF (issue 10 items 6 and 10) ---------------------------
+def _header_png(width: int, height: int) -> bytes:
+    from tests.robustness.test_inputs import png_header
+
+    return png_header(width, height)
+
+
+def _image_file(kind: str, a: int, b: int, w: int, h: int):
+    """(file bytes, suffix, expected 'L' pixel value or None, expected size or None) for a case."""
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    if kind == "header":  # only a header: a bomb when its size is large
+        return _header_png(w * 97 + 1, h * 89 + 1), ".png", None, None
+    if kind == "16-bit":
+        value = min(65535, a * 257 + b)  # any 16-bit level
+        PILImage.fromarray(np.full((h, w), value, np.uint16)).save(buf, format="PNG")
+        return buf.getvalue(), ".png", round(value * 255 / 65535), (w, h)
+    if kind == "alpha":
+        PILImage.new("LA", (w, h), (a, b)).save(buf, format="PNG")  # grey a, opacity b
+        return buf.getvalue(), ".png", round((a * b + 255 * (255 - b)) / 255), (w, h)
+    img = PILImage.new("L", (w, h), a)  # "exif": orientation b % 8 + 1
+    exif = img.getexif()
+    exif[0x0112] = b % 8 + 1
+    img.save(buf, format="PNG", exif=exif)
+    return buf.getvalue(), ".png", a, (h, w) if b % 8 + 1 >= 5 else (w, h)
+
+
+image_cases = st.tuples(st.sampled_from(["header", "16-bit", "alpha", "exif"]), st.integers(0, 255),
+                        st.integers(0, 255), st.integers(1, 40), st.integers(1, 40))
+
+
+@FUZZ
+@given(case=image_cases)
+def test_image_files_decode_within_limits_and_convert_right(tiny, tmp_path_factory, case):
+    from mmar.pipeline import MMARPipeline
+
+    model, proc = tiny
+    pipe = MMARPipeline(model, proc)
+    data, suffix, value, size = _image_file(*case)
+    path = tmp_path_factory.mktemp("images") / f"case{suffix}"
+    path.write_bytes(data)
+    limit = pixel_limit(proc.modality_tokenizers["image"].image_size)
+    try:
+        img = load_image(str(path), mode="L", max_pixels=limit)
+        fitted = pipe.load_image(str(path))  # the front doors' path: the same loader, then fitted to 8 x 8
+        proc.encode([Message("user", [Image(fitted), "which digit is this?"])])
+        _count("image files", "ok")
+    except CLEAR as e:
+        assert path.name in str(e), str(e)
+        _count("image files", "clear_error")
+        return
+    assert img.size[0] * img.size[1] <= limit  # nothing larger is ever decoded
+    if size is not None:
+        assert img.size == size, (case, img.size)  # EXIF orientation applied
+    if value is not None:
+        assert np.abs(np.asarray(img, dtype=np.int16) - value).max() <= 1, case  # scaled, composited onto white
+
+
+# -- audio: declared rates and lengths cost what a clip keeps (issue 10 item 7) ---------------------------------
+AUDIO_PEAK_MB = 32  # preprocessing any WAV allocates at most this much (a clip is 0.768 s at 8 kHz)
+
+
+@FUZZ
+@given(rate=st.one_of(st.integers(1, 1_000_000), st.sampled_from([1, 999, 1000, 8000, 44100, 384_000, 384_001])),
+       samples=st.integers(0, 40_000))
+def test_audio_files_cost_what_a_clip_keeps(tmp_path_factory, rate, samples):
+    import scipy.signal  # noqa: F401 - imported before measuring
+
+    from mmar.tokenizers.audio_mel import AudioMelTokenizer
+
+    tok = AudioMelTokenizer()
+    data = struct.pack(f"<{samples}h", *([1000] * samples))
+    wav = (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
+           + struct.pack("<IHHIIHH", 16, 1, 1, rate, (2 * rate) & 0xFFFFFFFF, 2, 16) + b"data"
+           + struct.pack("<I", len(data)) + data)
+    path = tmp_path_factory.mktemp("audio") / "clip.wav"
+    path.write_bytes(wav)
+    tracemalloc.start()
+    try:
+        out = tok.preprocess(str(path))
+        assert out.shape == (tok.num_samples,)
+        _count("audio files", "ok")
+    except CLEAR as e:
+        assert path.name in str(e), str(e)
+        _count("audio files", "clear_error")
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < AUDIO_PEAK_MB * 2**20, (rate, samples, peak)
+
+
+# -- prompt sizes and item counts against the backbone's positions (issue 10 item 2) -----------------------------
+prompt_texts = st.one_of(
+    st.builds(lambda piece, n: piece * n, st.sampled_from(["seven ", "x", "\U0001f600", "\u00e9t\u00e9 ", " "]),
+              st.integers(1, 30_000)),
+    st.text(min_size=1, max_size=300),
+)
+
+
+@FUZZ
+@given(text=prompt_texts, items=st.integers(0, 60))
+def test_prompt_sizes_and_item_counts(tiny, text, items):
+    from mmar.pipeline import MMARPipeline
+
+    model, proc = tiny
+    pipe = MMARPipeline(model, proc)
+    pipe.set_progress_bar_config(disable=True)
+    images = [np.zeros((8, 8), np.uint8)] * items
+    positions = model.config.backbone_config.max_position_embeddings
+    try:
+        enc = pipe._encode(pipe._prompt(text, [Image(i) for i in images]), None, "text")
+        assert len(enc) < positions  # anything accepted leaves room for the answer
+        pipe(text, images=images, max_new_tokens=1, mode="text")
+        _count("prompt sizes", "ok")
+    except CLEAR as e:
+        assert str(e)
+        _count("prompt sizes", "clear_error")
 
 
 def test_report_counts(capsys):
