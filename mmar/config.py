@@ -62,7 +62,8 @@ class ModalitySpec:
         """The ``config.json`` form: the keys a saved model has always had (no sizes that are unset;
         ``can_generate`` only for continuous modalities, as :func:`build_model` wrote it)."""
         out = {"tokenizer": self.tokenizer, "head": self.head, "token_ids": self.token_ids}
-        out.update({k: getattr(self, k) for k in ("num_tokens", "token_dim", "vocab_size") if getattr(self, k) is not None})
+        sizes = {k: getattr(self, k) for k in ("num_tokens", "token_dim", "vocab_size")}
+        out.update({k: v for k, v in sizes.items() if v is not None})
         if self.kind == "continuous" and (self.token_dim is not None or not self.can_generate):
             out["can_generate"] = self.can_generate
         return {**out, **self.extra}

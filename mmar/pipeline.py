@@ -26,13 +26,10 @@ from .io import load_image as _open_image
 from .limits import InputLimits
 from .modeling import MMARModel
 from .sequence import MMARProcessor
-from .types import Audio, Image, Item, Message, Text, as_messages, parse_message, parse_part, segment_class  # noqa: F401
+from .types import (Audio, Image, Item, Message, Text, as_messages, modality_of, parse_message,  # noqa: F401
+                    parse_part, segment_class)
 
 __all__ = ["GENERATION_CONFIG_NAME", "GenerationDefaults", "MMARPipeline", "MMARPipelineOutput"]
-
-
-def _is_audio(seg: Any) -> bool:
-    return isinstance(seg, Audio) or (isinstance(seg, tuple) and seg[:1] == ("audio",))
 
 
 @dataclass
@@ -46,13 +43,17 @@ class MMARPipelineOutput:
     def text(self) -> list[str]:
         return ["".join(s for s in row if isinstance(s, str)) for row in self.segments]
 
+    def items(self, modality: str) -> list[list[Any]]:
+        """Per prompt, its outputs of ``modality`` (decoded items, or ``(modality, latents)`` pairs)."""
+        return [[s for s in row if modality_of(s) == modality] for row in self.segments]
+
     @property
     def images(self) -> list[list[Any]]:
-        return [[s for s in row if not isinstance(s, str) and not _is_audio(s)] for row in self.segments]
+        return self.items(Image.modality)
 
     @property
     def audios(self) -> list[list[Any]]:
-        return [[s for s in row if _is_audio(s)] for row in self.segments]
+        return self.items(Audio.modality)
 
 
 class _TextStream:
@@ -147,8 +148,8 @@ class MMARPipeline(LoraLoaderMixin):
 
     def load(self, modality: str, raw: Any) -> Item:
         """One input item for the front doors (a path or an object), checked now with a clear error naming
-        the file: the model must take ``modality`` and the file must exist; images are opened and fitted
-        to the tokenizer (:meth:`load_image`)."""
+        the file: the model must take ``modality`` and its tokenizer must read the item; images are opened
+        and fitted to the tokenizer (:meth:`load_image`)."""
         cls = segment_class(modality)
         if cls is Image:
             return Image(self.load_image(raw))
@@ -158,7 +159,9 @@ class MMARPipeline(LoraLoaderMixin):
             raise ValueError(f"{where}this model has no {modality} tokenizer (it handles {handles})")
         if where and not os.path.isfile(raw):
             raise FileNotFoundError(f"{where}{modality} file not found")
-        return cls.from_value(raw)
+        item = cls.from_value(raw)
+        self.processor.modality_tokenizers[modality].preprocess(item.raw())  # reads and checks it now
+        return item
 
     def load_image(self, raw: Any) -> PILImage.Image:
         """Open a path / PIL image / uint8 array and fit it to the image tokenizer (colour mode, size by
@@ -188,30 +191,33 @@ class MMARPipeline(LoraLoaderMixin):
                 raise ValueError("empty prompt: give some text, an image or an audio clip")
             return [Message("user", list(media or []) + ([prompt] if prompt.strip() else []))]
         if media:
-            raise ValueError("images= / audio= go with a string prompt; put them in the messages of a conversation")
+            raise ValueError("images= / audio= / media= go with a string prompt; put them in the messages of a "
+                             "conversation")
         return self.messages(prompt)
 
     @staticmethod
-    def _media_lists(prompts: list, batch: bool, images, audio) -> list[list]:
-        """Per prompt, the segments that go before its text: its images, then its audio clips (a path, an
-        :class:`Audio`, or a ``(waveform, sampling_rate)`` pair)."""
-        def per_prompt(items, what):
+    def _media(images, audio, media: dict | None) -> dict[str, Any]:
+        """``media={modality: items}`` with ``images=`` / ``audio=`` as shortcuts: those first, then the rest."""
+        shortcuts = {m: v for m, v in ((Image.modality, images), (Audio.modality, audio)) if v is not None}
+        twice = sorted(set(shortcuts) & set(media or {}))
+        if twice:
+            raise ValueError(f"{twice[0]} given twice: as a keyword and in media=")
+        return {**shortcuts, **(media or {})}
+
+    @staticmethod
+    def _media_lists(prompts: list, batch: bool, media: dict[str, Any]) -> list[list]:
+        """Per prompt, the segments that go before its text, modality by modality in ``media``'s order: its
+        items of each (a path or an item; an audio clip may be an :class:`Audio` or a ``(waveform,
+        sampling_rate)`` pair)."""
+        out = [[] for _ in prompts]
+        for modality, items in media.items():
+            cls = segment_class(modality)
             lists = items if batch else [items]
-            if lists is None:
-                return [[] for _ in prompts]
             if len(lists) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(lists)} {what} lists")
-            return [list(x or []) for x in lists]
-
-        def clip(a):
-            if isinstance(a, Audio):
-                return a
-            if isinstance(a, tuple) and len(a) == 2:
-                return Audio(*a)
-            return Audio(a)
-
-        return [[Image(im) for im in ims] + [clip(a) for a in clips]
-                for ims, clips in zip(per_prompt(images, "image"), per_prompt(audio, "audio"))]
+                raise ValueError(f"{len(prompts)} prompts but {len(lists)} {modality} lists")
+            for row, x in zip(out, lists):
+                row += [cls.from_value(v) for v in x or []]
+        return out
 
     @staticmethod
     def messages(history: Any) -> list[Message]:
@@ -228,7 +234,7 @@ class MMARPipeline(LoraLoaderMixin):
         return [parse_message(m) for m in history]
 
     # -- generation ----------------------------------------------------------------------------
-    def _request(self, prompt: Any, images, audio, mode: str, generator, sampling: dict, *,
+    def _request(self, prompt: Any, media: dict, mode: str, generator, sampling: dict, *,
                  single: bool = False) -> _Request:
         """The preparation ``__call__`` and ``stream`` share: prompts, their media, validated settings."""
         batch = bool(isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)))
@@ -236,7 +242,7 @@ class MMARPipeline(LoraLoaderMixin):
             raise ValueError("stream() takes one prompt; call the pipeline itself for a batch")
         prompts = prompt if batch else [prompt]
         settings = self.generation_config.replace(**sampling)  # None = the default; bad values raise here
-        return _Request(prompts, self._media_lists(prompts, batch, images, audio), mode, generator, settings)
+        return _Request(prompts, self._media_lists(prompts, batch, media), mode, generator, settings)
 
     def _run(self, req: _Request, callback=None):
         start = req.mode if req.mode in self.processor.modality_tokenizers else None
@@ -273,25 +279,29 @@ class MMARPipeline(LoraLoaderMixin):
         return self.processor.decode_item(*item)
 
     @torch.no_grad()
-    def __call__(self, prompt: Any, images: list | None = None, *, audio: list | None = None, mode: str = "auto",
-                 generator=None, output_type: str = "pil", **sampling) -> MMARPipelineOutput:
+    def __call__(self, prompt: Any, images: list | None = None, *, audio: list | None = None,
+                 media: dict[str, list] | None = None, mode: str = "auto", generator=None, output_type: str = "pil",
+                 **sampling) -> MMARPipelineOutput:
         """``prompt``: a string, a conversation (list of messages), or a list of those (a batch). ``images``:
         images that go before the text of a string prompt (one list per prompt in a batch). ``audio``:
         audio clips (paths, :class:`Audio`, or ``(waveform, sampling_rate)``) that go after the images,
-        likewise. ``sampling``: any :class:`GenerationDefaults` setting (``max_new_tokens``,
+        likewise. ``media``: ``{modality: items}`` for any modality of the model (``images`` and ``audio``
+        are shortcuts for ``media={"image": ..., "audio": ...}``). ``mode``: ``"auto"``, ``"text"``, or a
+        modality to open an item of at once. ``sampling``: any :class:`GenerationDefaults` setting (``max_new_tokens``,
         ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``, ``image_temperature``,
         ``num_inference_steps``, ``max_items``, ...); those left out or ``None`` come from
         ``self.generation_config``."""
-        out = self._run(self._request(prompt, images, audio, mode, generator, sampling))
+        out = self._run(self._request(prompt, self._media(images, audio, media), mode, generator, sampling))
         segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]
         latents = [[s for s in row if not isinstance(s, str)] for row in out.segments]
         return MMARPipelineOutput(segments=segments, latents=latents)
 
-    def stream(self, prompt: Any, images: list | None = None, *, audio: list | None = None, mode: str = "auto",
-               generator=None, output_type: str = "pil", **sampling) -> Iterator[Any]:
+    def stream(self, prompt: Any, images: list | None = None, *, audio: list | None = None,
+               media: dict[str, list] | None = None, mode: str = "auto", generator=None, output_type: str = "pil",
+               **sampling) -> Iterator[Any]:
         """Like ``__call__`` for one prompt, but yields text pieces (``str``) and finished images as the
         sampler produces them. Generation runs in a background thread; closing the iterator stops it."""
-        req = self._request(prompt, images, audio, mode, generator, sampling, single=True)
+        req = self._request(prompt, self._media(images, audio, media), mode, generator, sampling, single=True)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 

@@ -1,8 +1,8 @@
 """The leaf data types every layer shares: segments (each knows its modality), messages, roles, and the
 one reader and writer of chat content parts.
 
-No torch and no other mmar module (numpy and PIL only): `sequence`, `io`, the tokenizers, data, pipeline and the front doors import
-these names from here, so none of them has to import another to say "an audio clip".
+No torch and no other mmar module (numpy and PIL only): `sequence`, `io`, the tokenizers, data, pipeline
+and the front doors import these names from here, so none of them has to import another to say "an audio clip".
 
 A non-text segment subclasses :class:`Item` and is registered with :func:`register_segment`; its
 ``modality`` is the name configs, content parts (``{"type": modality, ...}``), ``media=`` and the
@@ -173,8 +173,8 @@ class Message:
         self.content = [Text(s) if isinstance(s, str) else s for s in self.content]
         for s in self.content:
             if not isinstance(s, (Text, Item)):
-                raise TypeError(f"a message segment must be Text or one of {', '.join(c.__name__ for c in _SEGMENTS.values())}, "
-                                f"got {type(s).__name__}")
+                kinds = ", ".join(["Text", *(c.__name__ for c in _SEGMENTS.values())])
+                raise TypeError(f"a message segment must be one of {kinds}, got {type(s).__name__}")
 
 
 def as_messages(sample: Any) -> list[Message]:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from ..types import Image, segment_class, segment_modalities
 from .chat import COMMANDS as COMMANDS_HELP
 
 EXAMPLES = """examples:
@@ -67,24 +68,42 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+_RECORD_KEY = {Image.modality: "images"}  # generation.json's key for a modality's inputs, where it is not its name
+
+
+def _modes() -> list[str]:
+    """``--mode`` choices: auto, text, or open an item of a modality at once (the model says which it has)."""
+    return ["auto", "text", *segment_modalities()]
+
+
+def _add_media_arguments(p: argparse.ArgumentParser, help_text: str) -> None:
+    """One repeatable ``--<modality> PATH`` per modality mmar knows; the model says which it takes."""
+    for m in segment_modalities():
+        p.add_argument(f"--{m}", dest=m, action="append", metavar="PATH",
+                       help=help_text.format(segment_class(m).noun or m))
+
+
+def _media_paths(ns: argparse.Namespace) -> dict[str, list[str]]:
+    return {m: getattr(ns, m) for m in segment_modalities() if getattr(ns, m, None)}
+
+
 def cmd_generate(ns: argparse.Namespace) -> int:
     import torch
 
-    from ..io import read_audio, save_output
+    from ..io import save_output
     from ..pipeline import MMARPipeline
-    from ..types import Audio
 
     pipe = MMARPipeline.from_pretrained(ns.model)
-    images = [pipe.load_image(path) for path in ns.image or []]  # clear error naming a bad file
-    clips = [Audio(*read_audio(path)) for path in ns.audio or []]
+    paths = _media_paths(ns)
+    items = {m: [pipe.load(m, path) for path in ps] for m, ps in paths.items()}  # clear error naming a bad file
     gens = [torch.Generator().manual_seed(ns.seed + i) for i in range(ns.num)]
     settings = {k: getattr(ns, k) for k in ("guidance_scale", "temperature", "max_new_tokens", "num_inference_steps")}
-    out = pipe([ns.prompt] * ns.num, images=[images] * ns.num, audio=[clips] * ns.num, mode=ns.mode,
+    out = pipe([ns.prompt] * ns.num, media={m: [x] * ns.num for m, x in items.items()}, mode=ns.mode,
                generator=gens, **settings)
     os.makedirs(ns.output, exist_ok=True)
     used = {k: getattr(pipe.generation_config, k) if v is None else v for k, v in settings.items()}
-    record = {"model": ns.model, "prompt": ns.prompt, "images": ns.image or [], "audio": ns.audio or [],
-              "mode": ns.mode, "seed": ns.seed,
+    inputs = {_RECORD_KEY.get(m, m): paths.get(m, []) for m in segment_modalities()}
+    record = {"model": ns.model, "prompt": ns.prompt, **inputs, "mode": ns.mode, "seed": ns.seed,
               **used, "outputs": []}
     for i, row in enumerate(out.segments):
         files, k = [], 0
@@ -135,10 +154,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     session = ChatSession(pipe, ns.output_dir, seed=ns.seed, memory=ns.memory, mode=ns.mode,
                           temperature=ns.temperature, guidance_scale=ns.guidance_scale,
                           max_new_tokens=ns.max_new_tokens, num_inference_steps=ns.num_inference_steps)
-    for path in ns.image or []:
-        session.attach_image(path)
-    for path in ns.audio or []:
-        session.attach_audio(path)
+    for modality, paths in _media_paths(ns).items():
+        for path in paths:
+            session.attach(modality, path)
     return session.run()
 
 
@@ -287,9 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--image", action="append", help="an input image (repeatable)")
-    p.add_argument("--audio", action="append", help="an input audio clip, WAV / FLAC / ... (repeatable)")
-    p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"])
+    _add_media_arguments(p, "{} as input (repeatable)")
+    p.add_argument("--mode", default="auto", choices=_modes())
     p.add_argument("--num", type=_count(1), default=1, help="how many samples (one seed each)")
     p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")
@@ -302,10 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("chat", help="chat with a model in the terminal", epilog=CHAT_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--image", action="append", metavar="PATH", help="attach an image to the first message")
-    p.add_argument("--audio", action="append", metavar="PATH", help="attach an audio clip to the first message")
+    _add_media_arguments(p, "attach {} to the first message")
     p.add_argument("--output_dir", default=os.path.join("outputs", "chat"), help="where generated images go")
-    p.add_argument("--mode", default="auto", choices=["auto", "text", "image", "audio"],
+    p.add_argument("--mode", default="auto", choices=_modes(),
                    help="auto: the model chooses between text and images / audio")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")

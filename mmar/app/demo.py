@@ -32,10 +32,10 @@ import gradio as gr
 import torch
 from PIL import Image as PILImage
 
-from ..io import save_wav
+from ..io import save_output
 from ..limits import max_positions
 from ..pipeline import MMARPipeline
-from ..types import TEXT, Audio, Image, Item, Message, modality_of_file, parse_part
+from ..types import TEXT, Audio, Image, Item, Message, modality_of, modality_of_file, parse_part, segment_class
 
 MAX_FILE_SIZE = "2mb"  # per upload
 MAX_UPLOADS = 4  # files per chat message
@@ -204,11 +204,13 @@ class _Handlers:
 
     def _show(self, item: Any) -> dict:
         """A segment (uploaded or generated) as a Chatbot file message."""
-        if isinstance(item, Audio):
-            path = item.waveform if isinstance(item.waveform, str) else save_wav(item, self._new_path(".wav"))
-            return {"path": path, "alt_text": "audio"}
-        return {"path": _display(item.image if isinstance(item, Image) else item, self._new_path(".png")),
-                "alt_text": "image"}
+        kind = modality_of(item)
+        if isinstance(item, Image) or kind == Image.modality:  # shown scaled up, pixel-exact
+            return {"path": _display(item.image if isinstance(item, Image) else item, self._new_path(".png")),
+                    "alt_text": kind}
+        if isinstance(item, Item) and item.path is not None:
+            return {"path": item.path, "alt_text": kind}
+        return {"path": save_output(item, self._new_path("")), "alt_text": kind}
 
     def _conversation(self, history: list[dict]) -> list[Message]:
         """Chatbot messages (gradio's normalised format) -> mmar messages, read by the one content-part
@@ -286,7 +288,7 @@ class _Handlers:
             raise gr.Error(f"The seed must be between 0 and {MAX_SEED}, got {seed}.")
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         try:
-            out = self.pipe([prompt] * n, mode="image", max_items=1, guidance_scale=guidance_scale,
+            out = self.pipe([prompt] * n, mode=Image.modality, max_items=1, guidance_scale=guidance_scale,
                             num_inference_steps=int(num_inference_steps), generator=gens)
         except (ValueError, TypeError) as e:
             raise gr.Error(str(e)) from e
@@ -303,8 +305,8 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
     Launch it with :func:`launch`."""
     h = _Handlers(pipe, max_new_tokens, max_prompt_chars, max_images, max_context_tokens)
     defaults = pipe.generation_config
-    modalities = pipe.processor.modality_tokenizers
-    has_images, has_audio = "image" in modalities, "audio" in modalities
+    modalities = pipe.modalities
+    has_images, has_audio = Image.modality in modalities, Audio.modality in modalities
     head_steps = next((s.head.get("num_inference_steps") for s in pipe.model.config.modalities.values()), 50)
     steps = int(defaults.num_inference_steps or head_steps or 50)
     limits = dict(max_new_tokens=max_new_tokens, prompt_characters=max_prompt_chars, images_per_request=max_images,
@@ -316,7 +318,7 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="conversation", height=440, elem_id="chatbot",
                                  placeholder="Ask for a drawing, or upload an image and ask about it.")
-            kinds = [k for k, ok in (("image", has_images), ("audio", has_audio)) if ok]
+            kinds = [segment_class(m).mime for m in modalities if segment_class(m).mime]  # gradio's file types
             hint = f"; attach {' or '.join(kinds)} files with the clip button" if kinds else ""
             box = gr.MultimodalTextbox(placeholder="Type a message" + hint, file_types=kinds, file_count="multiple",
                                        sources=["upload", "microphone"] if has_audio else ["upload"],

@@ -24,12 +24,19 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..types import segment_modalities
 from .config import GenerationDefaults
 from .logits import TextRows, build_processors, choose
 from .output import GenerationOutput, RowOutput, assemble
 from .tables import token_tables
 
-MODES = ("auto", "text", "image", "audio")
+MODES = ("auto", "text")  # and the name of any modality: open an item of it at once
+
+
+def _modes(model) -> tuple[str, ...]:
+    """The modes ``model`` takes: auto, text, each of its modalities, and any other modality mmar knows
+    (as before, a mode the model has no tokenizer for generates as ``auto`` does)."""
+    return tuple(dict.fromkeys([*MODES, *model.config.modalities, *segment_modalities()]))
 
 
 def _row_generators(generator, batch: int):
@@ -66,8 +73,8 @@ class Sampler:
 
     def __init__(self, model, input_ids, attention_mask, values, settings: GenerationDefaults, *, mode,
                  decode_text, generator, suppress_ids, eos_token_id, progress, callback):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in _modes(model):
+            raise ValueError(f"mode must be one of {_modes(model)}, got {mode!r}")
         if attention_mask[:, -1].eq(0).any():
             raise ValueError("generation needs left padding (the last column of every row must be real)")
         settings.check_mode(mode)
@@ -290,8 +297,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
     arguments given; bad values raise a ``ValueError`` naming them. ``temperature=0`` is greedy,
     ``guidance_scale`` > 1 turns classifier-free guidance on.
 
-    ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; ``"image"`` / ``"audio"``
-    expect the prompt to end with that modality's start token (``start_modality`` in the processor).
+    ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; a modality's name (image,
+    audio, ...) expects the prompt to end with that modality's start token (``start_modality`` in the processor).
     ``suppress_ids`` are never sampled (e.g. the tokenizer's other special tokens); ``eos_token_id``
     (default: the backbone's) ends a row, e.g. the processor's ``stop_id``.
     """

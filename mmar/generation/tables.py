@@ -34,18 +34,18 @@ class TokenTables:
 def token_tables(model, mode: str, eos_token_id: int | None, suppress_ids: list[int] | None) -> TokenTables:
     """The tables of ``model``; ``eos_token_id`` defaults to the backbone's, ``suppress_ids`` are banned."""
     mods = model.config.modalities
-    if mode in mods and not mods[mode].get("can_generate", True):
+    if mode in mods and not mods[mode].can_generate:
         raise ValueError(f"this model's {mode} tokenizer is for understanding only; it cannot generate {mode}")
     device = model.lm_head.weight.device
     names = list(mods)
-    start_of = {s["token_ids"]["start"]: m for m, s in mods.items() if s.get("can_generate", True)}
-    understanding_only = [s["token_ids"]["start"] for s in mods.values() if not s.get("can_generate", True)]
+    start_of = {s.token_ids["start"]: m for m, s in mods.items() if s.can_generate}
+    understanding_only = [s.token_ids["start"] for s in mods.values() if not s.can_generate]
     bb = model.config.backbone_config
     eos = eos_token_id if eos_token_id is not None else bb.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     pad, bos = bb.pad_token_id, bb.bos_token_id
     pad = eos if pad is None else pad
-    banned = [s["token_ids"][k] for s in mods.values() for k in ("token", "end")] + understanding_only
+    banned = [s.token_ids[k] for s in mods.values() for k in ("token", "end")] + understanding_only
     banned += [t for t in [bos, pad, *(suppress_ids or [])] if t is not None and t != eos and t not in start_of]
     vocab = model.lm_head.out_features
     ban_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -60,7 +60,7 @@ def token_tables(model, mode: str, eos_token_id: int | None, suppress_ids: list[
 
     return TokenTables(
         names=names, start_of=start_of, start_ids=per_mod(list(start_of)), start_mod=start_mod,
-        ph=per_mod([mods[m]["token_ids"]["token"] for m in names]),
-        end=per_mod([mods[m]["token_ids"]["end"] for m in names]),
-        n_tokens=per_mod([mods[m]["num_tokens"] for m in names]),
+        ph=per_mod([mods[m].token_ids["token"] for m in names]),
+        end=per_mod([mods[m].token_ids["end"] for m in names]),
+        n_tokens=per_mod([mods[m].num_tokens for m in names]),
         eos=eos, pad=pad, bos=bos, ban_mask=ban_mask)

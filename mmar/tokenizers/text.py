@@ -13,23 +13,24 @@ from collections.abc import Iterable
 
 from transformers import PreTrainedTokenizerFast
 
-MODALITIES = ("image", "audio")
-
+from ..types import segment_modalities
 
 def modality_tokens(modality: str) -> dict[str, str]:
     return {"start": f"<|{modality}_start|>", "end": f"<|{modality}_end|>", "token": f"<|{modality}|>"}
 
 
-def add_modality_tokens(tokenizer, modalities: Iterable[str] = MODALITIES) -> dict[str, dict[str, int]]:
-    """Add the special tokens of each modality; return their ids ``{modality: {start, end, token}}``."""
+def add_modality_tokens(tokenizer, modalities: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+    """Add the special tokens of each modality (default: every modality with a segment class); return
+    their ids ``{modality: {start, end, token}}``."""
+    modalities = segment_modalities() if modalities is None else list(modalities)
     new = [tok for m in modalities for tok in modality_tokens(m).values()]
     tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
     return modality_token_ids(tokenizer, modalities)
 
 
-def modality_token_ids(tokenizer, modalities: Iterable[str] = MODALITIES) -> dict[str, dict[str, int]]:
+def modality_token_ids(tokenizer, modalities: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
     ids = {}
-    for m in modalities:
+    for m in segment_modalities() if modalities is None else modalities:
         ids[m] = {}
         for key, tok in modality_tokens(m).items():
             tid = tokenizer.convert_tokens_to_ids(tok)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..tokenizers import build_tokenizer
+from ..types import Audio, Item, parse_part
 
 DEFAULTS = {"output_dir": "runs/tokenizer", "dataset": "digits", "steps": 300, "batch_size": 512, "seed": 0,
             "fit": {}}
@@ -45,10 +46,15 @@ def raw_items(name: str, split: str) -> list:
 
 def dataset_items(name: str, split: str, tok) -> torch.Tensor:
     """A split preprocessed by ``tok``: ``[n, ...]``."""
-    items = raw_items(name, split)
-    if tok.modality == "audio" and not isinstance(items[0], tuple) or tok.modality == "image" and isinstance(items[0], tuple):
+    items = [_segment(x) for x in raw_items(name, split)]
+    if items[0].modality != tok.modality:
         raise ValueError(f"train-tokenizer: dataset {name!r} has no {tok.modality} for tokenizer {tok.name!r}")
-    return torch.stack([tok.preprocess(np.asarray(x) if not isinstance(x, tuple) else x) for x in items])
+    return torch.stack([tok.preprocess(x.raw()) for x in items])
+
+
+def _segment(x) -> Item:
+    """A raw dataset item as its segment: a ``(waveform, rate)`` pair is an audio clip, an array an image."""
+    return Audio.from_value(x) if isinstance(x, tuple) else parse_part(np.asarray(x))
 
 
 def reconstruct(tok, items: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -80,7 +86,7 @@ def reconstruction(tok, items: torch.Tensor) -> dict[str, float]:
     mse = float((recon - items).pow(2).mean())
     peak = float(getattr(tok, "value_range", 1.0))
     report = {"mse": mse, "psnr_db": float(10 * np.log10(peak ** 2 / max(mse, 1e-12)))}
-    if tok.modality == "audio":
+    if tok.modality == Audio.modality:
         report["log_mel_distance_db"] = log_mel_distance_db(recon, items, tok.sampling_rate)
     return report
 
