@@ -141,11 +141,19 @@ class MMARModel(MMARPreTrainedModel):
             return MMAROutput(hidden_states=hidden, cache=cache)
         return self.compute_loss(hidden, input_ids, labels, values, cache)
 
+    def connected_zero(self, hidden: torch.Tensor) -> torch.Tensor:
+        """0.0 that depends on the hidden states and on every trainable parameter of the heads, projections
+        and position embeddings: each process's backward reaches all parameters whatever modalities its batch
+        holds, so DDP and DeepSpeed ZeRO reduce the same gradients on every process (a mismatch aborts)."""
+        extra = [p.sum() for part in (self.heads, self.projections, self.pos_embeds)
+                 for p in part.parameters() if p.requires_grad]
+        return (hidden.sum() + sum(extra, hidden.new_zeros(()))) * 0.0 + 0.0  # "+ 0.0" turns -0.0 into 0.0
+
     def compute_loss(self, hidden, input_ids, labels, values, cache=None) -> MMAROutput:
         h, nxt = hidden[:, :-1], labels[:, 1:]
         placeholders = torch.tensor(list(self.placeholder.values()), device=labels.device)
         text = (nxt != IGNORE) & ~torch.isin(nxt, placeholders)
-        zero = hidden.sum() * 0.0 + 0.0  # keeps the graph connected (DDP); "+ 0.0" turns -0.0 into 0.0
+        zero = self.connected_zero(hidden)
         text_loss = F.cross_entropy(self.lm_head(h[text]).float(), nxt[text]) if text.any() else zero
         losses = {}
         for m, ph in self.placeholder.items():

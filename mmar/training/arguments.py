@@ -82,6 +82,8 @@ class TrainingArguments:
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights (e.g. 0.999) and save it as the final model."""
     mixed_precision: str = "no"
+    torch_compile: bool = False
+    """Compile the model with torch.compile (inductor, through accelerate) before training."""
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2

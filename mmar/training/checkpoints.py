@@ -34,8 +34,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, limit:
     final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f".tmp_step_{step}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)  # FSDP's sharded save writes into it from every process: it must exist first
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every process has written its part (its shards, its RNG state)
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({"step": step, **(position or {})}, f)

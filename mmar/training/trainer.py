@@ -130,11 +130,56 @@ class Run:
 def make_accelerator(targs: TrainingArguments) -> Accelerator:
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
                       mixed_precision=targs.mixed_precision, project_dir=targs.output_dir,
-                      log_with=targs.log_with,
+                      log_with=targs.log_with, **scale_options(targs),
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
+    check_processes(acc)
     if targs.log_with:
         acc.init_trackers("mmar")
     return acc
+
+
+def check_processes(acc: Accelerator) -> None:
+    """Fail loudly where accelerate set up something else than what was launched: on CPU processes
+    accelerate 1.15 enables FSDP for no device and counts one process each, so every process would train
+    alone (a silent copy of the run per process)."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and acc.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(f"FSDP was asked for, but accelerate {accelerate.__version__} set up "
+                           f"{acc.distributed_type} on {acc.device.type}: it enables FSDP on GPU-like devices "
+                           "(MULTI_GPU / XPU / NPU / HPU ...) only, not on CPU processes")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched but accelerate {accelerate.__version__} set up "
+                           f"{acc.num_processes} ({acc.distributed_type}); each would train alone")
+
+
+def scale_options(targs: TrainingArguments) -> dict:
+    """Accelerator options for the scale path: ``--torch_compile`` (inductor, through accelerate's dynamo
+    plugin), and DeepSpeed on a machine without GPUs (accelerate 1.15 picks no process-group backend there,
+    so it counts one process while DeepSpeed runs two: gloo is named explicitly)."""
+    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+
+    options: dict = {}
+    if targs.torch_compile:
+        options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ.setdefault("ACCELERATE_GRADIENT_CLIPPING", str(targs.max_grad_norm or 0.0))  # ours, not DS' 1.0
+        if not torch.cuda.is_available():
+            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    return options
+
+
+def sharded(acc: Accelerator) -> bool:
+    """Whether the model's parameters are split over the processes (FSDP, DeepSpeed ZeRO-3): then no
+    process may run the model alone (rank-0 previews would wait forever for the others)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
+    ds = getattr(acc.state, "deepspeed_plugin", None)
+    return ds is not None and acc.distributed_type == DistributedType.DEEPSPEED and ds.zero_stage == 3
 
 
 def make_data(dargs: DataArguments, targs: TrainingArguments):
@@ -166,11 +211,17 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
                         seed=targs.seed)
     loader = make_loader(dataset, stream, collator, dargs, targs)
     opt = make_optimizer(param_groups(model, targs.weight_decay), targs.learning_rate, targs.adam_beta2)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps, targs.max_steps,
+    # accelerate steps a prepared schedule once per process at each optimizer step (its convention for
+    # per-process batches): count the schedule in those steps, so that step N has the same lr however many run
+    n = acc.num_processes
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps * n, targs.max_steps * n,
                                                         min_lr_rate=targs.min_lr_ratio)
     model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
     acc.register_for_checkpointing(sched)
     ema = None
+    if targs.ema_decay and sharded(acc):
+        raise ValueError("ema_decay: an EMA copy of sharded (FSDP / ZeRO-3) weights is not supported; "
+                         "train without it, or with DDP / DeepSpeed ZeRO-2")
     if targs.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -231,7 +282,8 @@ def log_step(run: Run, out, targs: TrainingArguments) -> None:
     elapsed = time.time() - run.start
     row = {"step": run.step, "loss": parts[0], "text_loss": parts[1],
            **{f"{m}_loss": v for m, v in zip(out.modality_losses, parts[2:])},
-           "lr": run.sched.get_last_lr()[0], "grad_norm": float(run.grad_norm),
+           "lr": run.sched.get_last_lr()[0],
+           "grad_norm": None if run.grad_norm is None else float(run.grad_norm),  # DeepSpeed may not say
            "elapsed_s": round(elapsed, 2), "tokens_per_s": round(run.tokens / elapsed)}
     run.bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
     if run.acc.is_main_process:
@@ -255,7 +307,7 @@ def after_step(run: Run, out, targs: TrainingArguments, epoch: int, read: int) -
                         {"epoch": epoch, "batches": read} if run.stream else None)
         if acc.is_main_process:
             plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
-    if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process:
+    if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process and not sharded(acc):
         preview(acc.unwrap_model(run.model), run.processor, run.dataset, targs, f"step_{step}")
         run.model.train()
 
@@ -315,22 +367,38 @@ def report_skipped(run: Run, epoch: int) -> None:
 
 def finish(run: Run, targs: TrainingArguments) -> None:
     """Save the final model (the EMA weights if kept), its processor and sampling defaults, the loss
-    curve and a last preview."""
+    curve and a last preview. The weights are gathered from every process first (accelerate's
+    ``get_state_dict``: whole tensors even when FSDP / ZeRO shards them), then written by the main one."""
     from ..pipeline import GenerationDefaults
 
     acc = run.acc
     run.bar.close()
     acc.wait_for_everyone()
+    state = acc.get_state_dict(run.model) if run.ema is None else None  # a collective: every process calls it
     if acc.is_main_process:
         final = acc.unwrap_model(run.model) if run.ema is None else run.ema.module
-        final.save_pretrained(targs.output_dir)
+        final.save_pretrained(targs.output_dir, state_dict=state)
         run.processor.save_pretrained(targs.output_dir)
         GenerationDefaults.for_model(final.config, **targs.generation).save_pretrained(targs.output_dir)
         plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
+        if sharded(acc):  # this process holds a shard only: preview the saved (whole) model instead
+            final = reload_final(targs.output_dir)
         preview(final, run.processor, run.dataset, targs, "final")
         acc.print(f"mmar: trained {run.step} steps in {time.time() - run.start:.0f}s; model saved to "
                   f"{targs.output_dir}")
+    acc.wait_for_everyone()
     acc.end_training()
+
+
+def reload_final(output_dir: str):
+    """The saved final model (or LoRA adapter on its base), whole, on this process alone."""
+    from ..modeling import MMARModel
+
+    if os.path.isfile(os.path.join(output_dir, "adapter_config.json")):
+        from .lora import load_adapter
+
+        return load_adapter(output_dir).eval()
+    return MMARModel.from_pretrained(output_dir).eval()
 
 
 def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> str:
