@@ -156,19 +156,29 @@ def check_processes(acc: Accelerator) -> None:
 
 
 def scale_options(targs: TrainingArguments) -> dict:
-    """Accelerator options for the scale path: ``--torch_compile`` (inductor, through accelerate's dynamo
-    plugin), and DeepSpeed on a machine without GPUs (accelerate 1.15 picks no process-group backend there,
-    so it counts one process while DeepSpeed runs two: gloo is named explicitly)."""
-    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
+    """Accelerator options for DeepSpeed: our clipping, and on a machine without GPUs the gloo backend
+    (accelerate 1.15 picks none there, so it counts one process while DeepSpeed runs two)."""
+    from accelerate.utils import InitProcessGroupKwargs
 
     options: dict = {}
-    if targs.torch_compile:
-        options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         os.environ.setdefault("ACCELERATE_GRADIENT_CLIPPING", str(targs.max_grad_norm or 0.0))  # ours, not DS' 1.0
         if not torch.cuda.is_available():
             options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return options
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``--torch_compile``: compile each decoder layer of the backbone in place (inductor). Regional
+    compilation: the layers share one compiled graph (compiled once, reused), ``dynamic`` shapes serve
+    every batch length, and the module tree and state-dict names stay as they are (checkpoints, LoRA,
+    saving unchanged). The rest (embedding scatter, heads' sampling of noise) stays eager.
+    Returns the number of layers compiled."""
+    blocks = set(getattr(model.backbone, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    for layer in layers:
+        layer.compile(backend="inductor", dynamic=True)
+    return len(layers)
 
 
 def sharded(acc: Accelerator) -> bool:
@@ -207,6 +217,8 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     model, processor = build_everything(margs, dataset)
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
+    if targs.torch_compile:
+        acc.print(f"mmar: torch.compile: {compile_blocks(model)} decoder layers (inductor)")
     collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0,
                         seed=targs.seed)
     loader = make_loader(dataset, stream, collator, dargs, targs)
