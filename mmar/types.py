@@ -245,9 +245,9 @@ def parse_part(part: Any, root: str | None = None) -> Text | Item:
         return _text(part)
     if isinstance(part, dict):
         return _from_dict(part, root)
-    found = modality_of(part)
-    if found is not None and found != TEXT:
-        return _SEGMENTS[found].from_value(part)
+    cls = next((c for c in _SEGMENTS.values() if c.claims(part)), None)
+    if cls is not None:
+        return cls.from_value(part)
     raise ValueError(f"cannot read a chat content part {part!r:.80}; give a string, an image, or "
                      '{"type": "text", "text": ...} / {"type": "image", "image": ...}')
 

@@ -269,17 +269,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_train(sub) -> None:
+    """The ``train`` subcommand's arguments."""
     from ..training.arguments import add_arguments
 
-    parser = _Parser(prog="mmar", description="unified multimodal autoregressive models",
-                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train or fine-tune a model", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
+    """The ``eval`` subcommand's arguments."""
     p = sub.add_parser("eval", help="evaluate a model on a built-in task", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
@@ -301,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_generate(sub) -> None:
+    """The ``generate`` subcommand's arguments."""
     p = sub.add_parser("generate", help="generate text and images from a prompt", epilog=GENERATE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -316,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="outputs")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_chat(sub) -> None:
+    """The ``chat`` subcommand's arguments."""
     p = sub.add_parser("chat", help="chat with a model in the terminal", epilog=CHAT_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
@@ -333,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the built-in digits model answers each message on its own)")
     p.set_defaults(func=cmd_chat)
 
+
+def _add_demo(sub) -> None:
+    """The ``demo`` subcommand's arguments."""
     p = sub.add_parser("demo", help="serve the Gradio demo", epilog=DEMO_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model directory")
@@ -352,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="example prompts shown under the inputs (default: the built-in digits task's)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_train_tokenizer(sub) -> None:
+    """The ``train-tokenizer`` subcommand's arguments."""
     p = sub.add_parser("train-tokenizer", help="learn a tokenizer's weights (e.g. the image-vq codebook)",
                        epilog="example:\n  mmar train-tokenizer --config configs/vq-digits.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", help="overrides the config's output_dir")
     p.set_defaults(func=cmd_train_tokenizer)
 
+
+def _add_merge_lora(sub) -> None:
+    """The ``merge-lora`` subcommand's arguments."""
     p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model",
                        epilog="example:\n  mmar merge-lora --adapter runs/lora --output runs/merged",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,13 +383,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="where to write the merged model")
     p.set_defaults(func=cmd_merge_lora)
 
+
+def _add_env(sub) -> None:
+    """The ``env`` subcommand's arguments."""
     p = sub.add_parser("env", help="print versions, devices and which attention kernels run",
                        epilog="examples:\n  mmar env\n  mmar env --model runs/digits   # the attention each part runs",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="also say which attention each part of this model directory runs")
     p.set_defaults(func=cmd_env)
 
-    ns = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mmar`` parser: one subparser per command, each built by its ``_add_<command>``."""
+    parser = _Parser(prog="mmar", description="unified multimodal autoregressive models",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_eval, _add_generate, _add_chat, _add_demo, _add_train_tokenizer, _add_merge_lora,
+                _add_env):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
     except (OSError, ValueError, TypeError, ImportError) as e:  # user errors: one line, never a traceback
