@@ -136,7 +136,11 @@ def inputs() -> dict:
            "-q", "-p", "no:cacheprovider", "-k", "not worst_client"]
     start = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", res.stdout.splitlines()[-1])}
+    summary = [line for line in res.stdout.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary[-1] if summary else "")}
+    counts["error"] = counts.get("error", 0) + counts.pop("errors", 0)
+    if not summary:
+        raise RuntimeError(f"the hostile-input tests did not run (exit {res.returncode}):\n{res.stdout[-3000:]}")
     return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0) + counts.get("error", 0),
             "seconds": time.time() - start}
 

@@ -296,6 +296,58 @@ class _Handlers:
                 for i, imgs in enumerate(out.images) if imgs]
 
 
+def _chat_tab(h: _Handlers, max_new_tokens: int, chat_memory: bool, chat_examples: list[dict] | None) -> None:
+    """The Chat tab: conversation, message box (text + uploads), sampling settings; endpoint ``/chat``."""
+    defaults, modalities = h.pipe.generation_config, h.pipe.modalities
+    has_audio = Audio.modality in modalities
+    chatbot = gr.Chatbot(label="conversation", height=440, elem_id="chatbot",
+                         placeholder="Ask for a drawing, or upload an image and ask about it.")
+    kinds = [segment_class(m).mime for m in modalities if segment_class(m).mime]  # gradio's file types
+    hint = f"; attach {' or '.join(kinds)} files with the clip button" if kinds else ""
+    box = gr.MultimodalTextbox(placeholder="Type a message" + hint, file_types=kinds, file_count="multiple",
+                               sources=["upload", "microphone"] if has_audio else ["upload"],
+                               show_label=False, elem_id="chat-input")
+    with gr.Accordion("Sampling settings", open=False):
+        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)")
+        chat_tokens = gr.Slider(1, max_new_tokens, value=min(defaults.max_new_tokens, max_new_tokens), step=1,
+                                label="max new tokens")
+        chat_cfg = gr.Slider(1.0, 10.0, value=defaults.guidance_scale, step=0.5, label="guidance scale (images)")
+        memory = gr.Checkbox(value=chat_memory, label="remember earlier turns",
+                             info="send the whole conversation to the model; models trained on single "
+                                  "turns (like the built-in digits model) answer best with this off")
+    if chat_examples:
+        gr.Examples(chat_examples, inputs=[box], label="examples")
+    box.submit(h.chat, [box, chatbot, temperature, chat_tokens, chat_cfg, memory], [chatbot, box],
+               api_name="chat", concurrency_id="model")
+    gr.ClearButton([chatbot, box], value="Clear")
+
+
+def _generate_tab(h: _Handlers, max_prompt_chars: int, max_steps: int, max_images: int,
+                  prompt_examples: list[str] | None) -> None:
+    """The Generate tab: prompt, guidance, steps, seed, number of images; endpoint ``/generate``."""
+    defaults = h.pipe.generation_config
+    head_steps = next((s.head.get("num_inference_steps") for s in h.pipe.model.config.modalities.values()), 50)
+    steps = int(defaults.num_inference_steps or head_steps or 50)
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Textbox(label="prompt", max_length=max_prompt_chars, elem_id="gen-prompt",
+                                placeholder="draw the digit seven")
+            cfg = gr.Slider(1.0, 10.0, value=defaults.guidance_scale, step=0.5, label="guidance scale")
+            n_steps = gr.Slider(1, max_steps, value=min(steps, max_steps), step=1, label="inference steps")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+                count = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="number of images")
+            button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+            if prompt_examples:
+                gr.Examples([[p] for p in prompt_examples], inputs=[prompt], label="examples")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="images", columns=4, height=360, object_fit="contain",
+                                 elem_id="gen-gallery", format="png")
+    inputs = [prompt, cfg, n_steps, seed, count]
+    button.click(h.generate, inputs, gallery, api_name="generate", concurrency_id="model")
+    prompt.submit(h.generate, inputs, gallery, api_visibility="private", concurrency_id="model")
+
+
 def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars: int = 500, max_images: int = 8,
                max_steps: int = 100, queue_size: int = 16, chat_memory: bool = False,
                chat_examples: list[dict] | None = None, prompt_examples: list[str] | None = None,
@@ -304,11 +356,6 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
     conversation's length, default ``MAX_CONTEXT_TOKENS``, never more than the backbone's positions).
     Launch it with :func:`launch`."""
     h = _Handlers(pipe, max_new_tokens, max_prompt_chars, max_images, max_context_tokens)
-    defaults = pipe.generation_config
-    modalities = pipe.modalities
-    has_images, has_audio = Image.modality in modalities, Audio.modality in modalities
-    head_steps = next((s.head.get("num_inference_steps") for s in pipe.model.config.modalities.values()), 50)
-    steps = int(defaults.num_inference_steps or head_steps or 50)
     limits = dict(max_new_tokens=max_new_tokens, prompt_characters=max_prompt_chars, images_per_request=max_images,
                   upload_size=MAX_FILE_SIZE, queue_size=queue_size, remembered_messages=MAX_HISTORY_MESSAGES,
                   remembered_tokens=h.max_context_tokens)
@@ -316,47 +363,9 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
         gr.Markdown(f"# {title}\nOne causal backbone reads and writes interleaved text and images: an LM head "
                     "predicts text, a diffusion head predicts each image token.")
         with gr.Tab("Chat"):
-            chatbot = gr.Chatbot(label="conversation", height=440, elem_id="chatbot",
-                                 placeholder="Ask for a drawing, or upload an image and ask about it.")
-            kinds = [segment_class(m).mime for m in modalities if segment_class(m).mime]  # gradio's file types
-            hint = f"; attach {' or '.join(kinds)} files with the clip button" if kinds else ""
-            box = gr.MultimodalTextbox(placeholder="Type a message" + hint, file_types=kinds, file_count="multiple",
-                                       sources=["upload", "microphone"] if has_audio else ["upload"],
-                                       show_label=False, elem_id="chat-input")
-            with gr.Accordion("Sampling settings", open=False):
-                temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05,
-                                        label="temperature (0 = greedy)")
-                chat_tokens = gr.Slider(1, max_new_tokens, value=min(defaults.max_new_tokens, max_new_tokens), step=1,
-                                        label="max new tokens")
-                chat_cfg = gr.Slider(1.0, 10.0, value=defaults.guidance_scale, step=0.5,
-                                     label="guidance scale (images)")
-                memory = gr.Checkbox(value=chat_memory, label="remember earlier turns",
-                                     info="send the whole conversation to the model; models trained on single "
-                                          "turns (like the built-in digits model) answer best with this off")
-            if chat_examples:
-                gr.Examples(chat_examples, inputs=[box], label="examples")
-            box.submit(h.chat, [box, chatbot, temperature, chat_tokens, chat_cfg, memory], [chatbot, box],
-                       api_name="chat", concurrency_id="model")
-            gr.ClearButton([chatbot, box], value="Clear")
-        with gr.Tab("Generate", visible=has_images):
-            with gr.Row():
-                with gr.Column(scale=2):
-                    prompt = gr.Textbox(label="prompt", max_length=max_prompt_chars, elem_id="gen-prompt",
-                                        placeholder="draw the digit seven")
-                    cfg = gr.Slider(1.0, 10.0, value=defaults.guidance_scale, step=0.5, label="guidance scale")
-                    n_steps = gr.Slider(1, max_steps, value=min(steps, max_steps), step=1, label="inference steps")
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
-                        count = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="number of images")
-                    button = gr.Button("Generate", variant="primary", elem_id="gen-button")
-                    if prompt_examples:
-                        gr.Examples([[p] for p in prompt_examples], inputs=[prompt], label="examples")
-                with gr.Column(scale=3):
-                    gallery = gr.Gallery(label="images", columns=4, height=360, object_fit="contain",
-                                         elem_id="gen-gallery", format="png")
-            inputs = [prompt, cfg, n_steps, seed, count]
-            button.click(h.generate, inputs, gallery, api_name="generate", concurrency_id="model")
-            prompt.submit(h.generate, inputs, gallery, api_visibility="private", concurrency_id="model")
+            _chat_tab(h, max_new_tokens, chat_memory, chat_examples)
+        with gr.Tab("Generate", visible=Image.modality in pipe.modalities):
+            _generate_tab(h, max_prompt_chars, max_steps, max_images, prompt_examples)
         with gr.Tab("Model"):
             gr.Markdown(model_summary(pipe, limits), elem_id="model-info")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
