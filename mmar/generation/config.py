@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 DEFAULT_GUIDANCE = 3.0  # used when the model was trained with condition dropout (so CFG has a branch to use)
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 
 
 def _integer(name: str, value, low: int, *, optional: bool = False) -> None:
@@ -46,7 +47,8 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
 @dataclass
 class GenerationDefaults:
     """Sampling settings. Key names follow transformers' ``GenerationConfig`` where one exists
-    (``temperature``, ``top_p``, ``guidance_scale``, ``use_cache``, ...)."""
+    (``temperature``, ``top_p``, ``guidance_scale``, ``use_cache``, ``cache_implementation``,
+    ``prefill_chunk_size``, ...)."""
 
     max_new_tokens: int = 64  # text tokens per row (items do not count)
     temperature: float = 1.0  # of text tokens; 0 = greedy
@@ -58,6 +60,9 @@ class GenerationDefaults:
     max_items: int = 4  # images / audio clips per row
     min_new_tokens: int = 0  # EOS is banned before this many text tokens
     use_cache: bool = True
+    cache_implementation: str = "dynamic"  # "static": a KV cache preallocated for the limit (fixed shapes)
+    compile: bool = False  # torch.compile the backbone's decode step (needs the static cache)
+    prefill_chunk_size: int = 1024  # prompt tokens per prefill call (memory linear in the length); 0: all
 
     def __post_init__(self):
         _integer("max_new_tokens", self.max_new_tokens, 0)
@@ -69,8 +74,19 @@ class GenerationDefaults:
         _number("image_temperature", self.image_temperature, 0.0)
         _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _number("guidance_scale", self.guidance_scale)
-        if not isinstance(self.use_cache, bool):
-            raise ValueError(f"use_cache must be true or false, got {self.use_cache!r}")
+        _integer("prefill_chunk_size", self.prefill_chunk_size, 0)
+        self._check_cache()
+
+    def _check_cache(self) -> None:
+        for name in ("use_cache", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"cache_implementation must be one of {CACHE_IMPLEMENTATIONS}, "
+                             f"got {self.cache_implementation!r}")
+        if self.compile and (self.cache_implementation != "static" or not self.use_cache):
+            raise ValueError("compile=True needs use_cache=True and cache_implementation='static' "
+                             "(a compiled step needs fixed shapes)")
 
     def check_mode(self, mode: str) -> None:
         """Settings that only make sense together with the generation ``mode``."""

@@ -19,11 +19,14 @@ state (open item, tokens into it, counters, done) lives in tensors on the model'
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache, StaticCache
 
+from ..compat import CACHE
 from ..types import segment_modalities
 from .config import GenerationDefaults
 from .logits import TextRows, build_processors, choose
@@ -37,6 +40,18 @@ def _modes(model) -> tuple[str, ...]:
     """The modes ``model`` takes: auto, text, each of its modalities, and any other modality mmar knows
     (as before, a mode the model has no tokenizer for generates as ``auto`` does)."""
     return tuple(dict.fromkeys([*MODES, *model.config.modalities, *segment_modalities()]))
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decoder
+COMPILE_OPTIONS: dict = {"dynamic": False}  # torch.compile's arguments (tests use backend="eager")
+
+
+def compiled_decoder(model):
+    """``torch.compile`` of the backbone's decoder, made once per model (the static cache keeps every
+    decode step's shapes fixed, so later calls of the same batch and limit reuse the graph)."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model.decoder, **COMPILE_OPTIONS)
+    return _COMPILED[model]
 
 
 def _row_generators(generator, batch: int):
@@ -185,14 +200,33 @@ class Sampler:
 
     def forward(self) -> torch.Tensor:
         """The backbone on the new column (or, without a cache, on everything): last hidden states."""
-        L, n = self.length, self.step_embeds.shape[1]
-        if self.s.use_cache:
-            out = self.model(inputs_embeds=self.step_embeds, attention_mask=self.mask[:, :L], cache=self.cache,
-                             position_ids=self.pos[:, L - n:L], use_cache=True)
-            self.cache = out.cache
-        else:
+        L = self.length
+        if not self.s.use_cache:
             out = self.model(inputs_embeds=self.embeds[:, :L], attention_mask=self.mask[:, :L],
                              position_ids=self.pos[:, :L])
+            return out.hidden_states[:, -1]
+        if self.cache is None:
+            return self._prefill()
+        static = self.s.cache_implementation == "static"
+        kwargs = dict(inputs_embeds=self.step_embeds, attention_mask=self.mask if static else self.mask[:, :L],
+                      position_ids=self.pos[:, L - 1:L], use_cache=True, **{CACHE: self.cache})
+        if self.s.compile:  # fixed shapes every step: one compiled graph for the whole call
+            out = compiled_decoder(self.model)(**kwargs)
+            return out.last_hidden_state[:, -1]
+        return self.model(**kwargs).hidden_states[:, -1]
+
+    def _prefill(self) -> torch.Tensor:
+        """The prompt, ``prefill_chunk_size`` tokens per call so that the attention's memory grows linearly
+        with the prompt's length instead of with its square."""
+        P, static = self.prompt_length, self.s.cache_implementation == "static"
+        chunk = self.s.prefill_chunk_size or P
+        self.cache = StaticCache(config=self.model.config.backbone_config, max_cache_len=self.mask.shape[1]) \
+            if static else DynamicCache(config=self.model.config.backbone_config)
+        for i in range(0, P, chunk):
+            j = min(P, i + chunk)
+            out = self.model(inputs_embeds=self.step_embeds[:, i:j], attention_mask=self.mask if static else
+                             self.mask[:, :j], position_ids=self.pos[:, i:j], use_cache=True,
+                             **{CACHE: self.cache})
         return out.hidden_states[:, -1]
 
     def _branches(self, h):
