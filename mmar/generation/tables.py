@@ -33,7 +33,7 @@ class TokenTables:
 
 def token_tables(model, mode: str, eos_token_id: int | None, suppress_ids: list[int] | None) -> TokenTables:
     """The tables of ``model``; ``eos_token_id`` defaults to the backbone's, ``suppress_ids`` are banned."""
-    mods = model.config.modalities
+    mods = model.config.modalities  # {name: ModalitySpec}
     if mode in mods and not mods[mode].can_generate:
         raise ValueError(f"this model's {mode} tokenizer is for understanding only; it cannot generate {mode}")
     device = model.lm_head.weight.device
