@@ -1,6 +1,8 @@
 """Fine-tuning benchmarks (both measured in this run, ratios reported):
 
-1. peak memory of LoRA against full fine-tuning on a ~100M-parameter Llama backbone;
+1. peak memory of LoRA against full fine-tuning on a ~100M-parameter Llama backbone; with ``--memory``:
+   full fine-tuning, LoRA, LoRA + gradient checkpointing and QLoRA (int4 base), and inference memory and
+   speed fp32 against int8 weight-only, in one run (targets: LoRA + checkpointing <= 0.4x full; QLoRA lower);
 2. packed against padded training tokens/s on variable-length data: the digits mixture (image-to-text,
    text-to-image and two-image samples, 22 to 45 tokens), and multi-turn chats built from it (1 to 8
    turns, 25 to 330 tokens, the length spread of a real chat fine-tuning set).
@@ -8,6 +10,7 @@
 Each variant runs in its own subprocess so that peak RSS (``ru_maxrss``) is its own.
 
     python benchmarks/finetune.py [--steps 4]
+    python benchmarks/finetune.py --memory [--small]    # --small: the 3M model, to check the script quickly
 """
 
 from __future__ import annotations
@@ -47,15 +50,86 @@ def _setup(backbone, vocab):
     return model, proc, ds
 
 
-def worker(kind: str, steps: int) -> dict:
+def _saved_big(size: dict, vocab: int) -> str:
+    """The ~88M model saved once (QLoRA and the inference rows load it quantized)."""
+    path = os.path.join(os.environ.get("MMAR_BENCH_DIR", "/tmp/mmar_bench"), f"big_{size['hidden_size']}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        model, proc, _ = _setup(size, vocab)
+        model.save_pretrained(path)
+        proc.save_pretrained(path)
+    return path
+
+
+def memory_model(kind: str, size: dict, vocab: int):
+    """full / lora / lora-ckpt (+ gradient checkpointing of the backbone) / qlora (LoRA on an int4 base)."""
+    from mmar.training.lora import apply_lora
+
+    if kind == "qlora":
+        from mmar.quantization import load_quantized
+
+        path = _saved_big(size, vocab)
+        base = load_quantized(path, "int4")
+        proc, ds = _processor_and_data(path)
+        return apply_lora(base, {"r": 16, "alpha": 32}, base_path=path), proc, ds
+    model, proc, ds = _setup(size, vocab)
+    if kind == "lora-ckpt":
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    if kind != "full":
+        model = apply_lora(model, {"r": 16, "alpha": 32})
+    return model, proc, ds
+
+
+def _processor_and_data(path: str):
+    from mmar import MMARProcessor
+    from mmar.datasets import DigitsDataset
+
+    return MMARProcessor.from_pretrained(path), DigitsDataset(pairs_per_image=1.0)
+
+
+def inference(kind: str, size: dict, vocab: int, new_tokens: int) -> dict:
+    """Greedy text decoding (batch 8) of the saved model, fp32 or int8 weight-only."""
     import torch
 
-    if kind in ("full", "lora"):
-        model, proc, ds = _setup(BIG, 8000)
-        if kind == "lora":
-            from mmar.training.lora import apply_lora
+    from mmar.pipeline import MMARPipeline
+    from mmar.quantization import weight_bytes
 
-            model = apply_lora(model, {"r": 16, "alpha": 32})
+    pipe = MMARPipeline.from_pretrained(_saved_big(size, vocab), quantization="int8" if kind == "infer-int8" else None)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["which digit is this? draw a 3 and then a 4"] * 8
+    pipe(prompts[:1], mode="text", max_new_tokens=2, temperature=0)  # warm-up
+    start = time.time()
+    pipe(prompts, mode="text", max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0,
+         generator=torch.Generator().manual_seed(0))
+    secs = time.time() - start
+    return {"tokens_per_s": 8 * new_tokens / secs, "weights_mb": weight_bytes(pipe.model) / 2 ** 20,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def worker(kind: str, steps: int, small: bool = False) -> dict:
+    import torch
+
+    import mmar  # noqa: F401 - the libraries in memory before the baseline is read
+
+    base = _rss_now_mb()  # python, torch, transformers: what every variant pays before its model
+    out = _worker(kind, steps, small)
+    return {**out, "base_rss_mb": base}
+
+
+def _worker(kind: str, steps: int, small: bool = False) -> dict:
+    import torch
+
+    size, vocab = (DIGITS, 512) if small else (BIG, 8000)
+    if kind.startswith("infer-"):
+        return inference(kind, size, vocab, 4 if small else 32)
+    if kind in ("full", "lora", "lora-ckpt", "qlora"):
+        model, proc, ds = memory_model(kind, size, vocab)
+        model.train()  # checkpointing runs in training mode only
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         batches = [proc([ds[i * 8 + j] for j in range(8)]) for i in range(steps)]
@@ -105,19 +179,55 @@ def worker(kind: str, steps: int) -> dict:
     return {"tokens_per_s": tokens / elapsed, "padding_share": 1 - tokens / slots, "s_per_step": elapsed / steps}
 
 
-def run(kind: str, steps: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--steps", str(steps)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run(kind: str, steps: int, small: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps)] + (["--small"] if small else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_section(steps: int, small: bool) -> list[str]:
+    """Peak RSS of full fine-tuning, LoRA, LoRA + checkpointing, QLoRA; inference fp32 against int8."""
+    rows = {k: run(k, steps, small) for k in ("full", "lora", "lora-ckpt", "qlora")}
+    inf = {k: run(k, 1, small) for k in ("infer-fp32", "infer-int8")}
+    for r in list(rows.values()) + list(inf.values()):
+        r["model_mb"] = r["peak_rss_mb"] - r["base_rss_mb"]  # peak above the libraries' baseline
+    full = rows["full"]["model_mb"]
+    names = {"full": "full fine-tuning", "lora": "LoRA (r=16)", "lora-ckpt": "LoRA + gradient checkpointing",
+             "qlora": "QLoRA (LoRA on an int4 base, optimum-quanto)"}
+    lines = [f"`python benchmarks/finetune.py --memory{' --small' if small else ''} --steps {steps}` on {machine()}; "
+             "each row its own process; memory = peak RSS above the process's RSS once python, torch and "
+             "transformers are imported (that baseline is the same for every row):", "",
+             "| variant | trainable params | peak memory | / full | s/step |", "|---|---|---|---|---|"]
+    for k, r in rows.items():
+        lines.append(f"| {names[k]} | {r['trainable'] / 1e6:.2f}M | {r['model_mb']:.0f} MB | "
+                     f"{r['model_mb'] / full:.2f} | {r['s_per_step']:.2f} |")
+    a, b = inf["infer-fp32"], inf["infer-int8"]
+    lines += ["", "| inference (greedy text, batch 8) | weights | peak memory | tokens/s |", "|---|---|---|---|",
+              f"| fp32 | {a['weights_mb']:.0f} MB | {a['model_mb']:.0f} MB | {a['tokens_per_s']:.1f} |",
+              f"| int8 weight-only (backbone) | {b['weights_mb']:.0f} MB | {b['model_mb']:.0f} MB | "
+              f"{b['tokens_per_s']:.1f} |",
+              f"| ratio int8 / fp32 | {b['weights_mb'] / a['weights_mb']:.2f} | {b['model_mb'] / a['model_mb']:.2f} | "
+              f"{b['tokens_per_s'] / a['tokens_per_s']:.2f} |"]
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--memory", action="store_true", help="only the memory table (full / LoRA / + checkpointing / "
+                    "QLoRA, inference fp32 / int8), written to its own section")
+    ap.add_argument("--small", action="store_true", help="the 3M digits model instead of the 88M one (a quick check)")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps)))
+        print(json.dumps(worker(args.worker, args.steps, args.small)))
+        return
+    if args.memory:
+        lines = ["## Fine-tuning memory: full, LoRA, LoRA + checkpointing, QLoRA; int8 inference", "",
+                 *memory_section(args.steps, args.small)]
+        if not args.small:  # a --small run checks the script; its numbers do not go into BENCHMARKS.md
+            update_section("finetune-memory", "\n".join(lines))
+        print("\n".join(lines))
         return
     full, lora = run("full", args.steps), run("lora", args.steps)
     padded, packed = run("padded", 4 * args.steps), run("packed", 4 * args.steps)

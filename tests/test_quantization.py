@@ -80,3 +80,17 @@ def test_qlora_on_an_int4_base_trains_reloads_and_merges(tmp_path, tiny_dir, tin
     assert torch.allclose(_hidden(merged, batch), _hidden(on_full, batch), atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(_hidden(merged, batch).flatten(1), h.flatten(1)).min()
     assert cos > 0.9, cos
+
+
+def test_qlora_from_the_cli(tmp_path, tiny_dir, chat_jsonl):
+    out = tmp_path / "qlora"
+    args = ["train", "--init_from", str(tiny_dir), "--quantization", "int4", "--lora", "{r: 4, alpha: 8}",
+            "--dataset", "jsonl", "--data_files", str(chat_jsonl), "--max_steps", "6", "--batch_size", "8",
+            "--learning_rate", "1e-2", "--warmup_steps", "1", "--logging_steps", "1", "--save_steps", "0",
+            "--output_dir", str(out), "--progress", "false"]
+    assert main(args) == 0
+    assert (out / "adapter_model.safetensors").exists()
+    assert main(["merge-lora", "--adapter", str(out), "--output", str(tmp_path / "merged")]) == 0
+    assert set(_kinds(MMARModel.from_pretrained(tmp_path / "merged")).values()) == {"Linear"}
+    bad = args[:2] + args[4:6] + ["--init_from", str(tiny_dir), "--quantization", "int4", "--output_dir", str(out)]
+    assert main([a for a in bad if a not in ("--lora", "{r: 4, alpha: 8}")]) == 2  # a quantized base needs LoRA

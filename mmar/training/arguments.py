@@ -33,6 +33,9 @@ class ModelArguments:
     """Local pretrained AutoModelForCausalLM directory; overrides ``backbone``."""
     init_from: str | None = None
     """A saved MMAR model directory to fine-tune (its tokenizers and modalities are kept)."""
+    quantization: str | None = None
+    """With ``init_from`` and ``lora``: load the base's backbone quantized, ``int4`` / ``int8`` (QLoRA,
+    optimum-quanto; see mmar/quantization.py)."""
     lora: dict | None = None
     """LoRA on the backbone, e.g. ``{r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}``."""
     text_tokenizer: str | None = None

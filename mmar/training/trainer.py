@@ -53,7 +53,15 @@ def build_everything(margs: ModelArguments, dataset):
 
         if not os.path.isfile(os.path.join(margs.init_from, "config.json")):
             raise FileNotFoundError(f"{margs.init_from}: not a saved mmar model directory (no config.json)")
-        return MMARModel.from_pretrained(margs.init_from), MMARProcessor.from_pretrained(margs.init_from)
+        if margs.quantization:  # QLoRA: a frozen quantized base under the adapters
+            from ..quantization import load_quantized
+
+            if not margs.lora:
+                raise ValueError("quantization: a quantized base cannot be trained in full; add --lora")
+            model = load_quantized(margs.init_from, margs.quantization)
+        else:
+            model = MMARModel.from_pretrained(margs.init_from)
+        return model, MMARProcessor.from_pretrained(margs.init_from)
     tokenizer = build_text_tokenizer(margs, dataset)
     backbone = margs.backbone_path or {**margs.backbone, "attn_implementation": margs.attn_implementation}
     model = build_model(backbone, tokenizer, margs.modalities, diffusion_loss_weight=margs.diffusion_loss_weight,
