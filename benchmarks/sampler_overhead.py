@@ -74,40 +74,42 @@ def backbone_only(model, rows: int, prompt: int, steps: int):
 
 
 @torch.no_grad()
-def measure(image_size: int, batch: int, repeat: int) -> dict:
+def measure(image_size: int, batch: int, repeat: int, compile: bool) -> dict:
     model, proc = make(image_size)
     n = model.config.modalities["image"]["num_tokens"]
     enc = [proc.encode([Message("user", "draw a 3")], add_generation_prompt=True, start_modality="image")] * batch
     b = proc.collate(enc, padding_side="left")
 
-    def sampler(fn):
+    def sampler(fn, **options):
         def run():
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]
             fn(model, b["input_ids"], b["attention_mask"], b["values"], mode="image", guidance_scale=3.0,
-               max_items=1, max_new_tokens=0, generator=gens, decode_text=proc.decode_text)
+               max_items=1, max_new_tokens=0, generator=gens, decode_text=proc.decode_text, **options)
         return run
 
     steps = n + 2  # the item's tokens, its end token, the EOS that follows
     runs = {"old": sampler(legacy_sampler.generate), "new": sampler(generate),
+            "static": sampler(generate, cache_implementation="static"),
+            **({"compiled": sampler(generate, cache_implementation="static", compile=True)} if compile else {}),
             "backbone": backbone_only(model, 2 * batch, b["input_ids"].shape[1], steps)}
-    for run in runs.values():  # warm-up
+    for run in runs.values():  # warm-up (and the compilation of the static step)
         run()
     times = {k: timed(run, repeat) for k, run in runs.items()}
     per_token = {k: 1e3 * v / steps for k, v in times.items()}  # ms per generated token (all rows at once)
     return {"tokens": n, "batch": batch, **{f"{k}_ms": v for k, v in per_token.items()},
-            "old_overhead_ms": per_token["old"] - per_token["backbone"],
-            "new_overhead_ms": per_token["new"] - per_token["backbone"]}
+            **{f"{k}_overhead_ms": per_token[k] - per_token["backbone"] for k in ("old", "new", "static")}}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| image tokens | batch | backbone alone ms/token | old sampler ms/token | new sampler ms/token | "
-             "old overhead ms/token | new overhead ms/token | overhead old / new |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| image tokens | batch | backbone alone | old sampler | new sampler | new, static cache | "
+             "new, static + compiled | overhead old | overhead new | overhead old / new | old / new end to end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["old_overhead_ms"] / r["new_overhead_ms"] if r["new_overhead_ms"] > 0 else float("inf")
         lines.append(f"| {r['tokens']} | {r['batch']} | {r['backbone_ms']:.2f} | {r['old_ms']:.2f} | "
-                     f"{r['new_ms']:.2f} | {r['old_overhead_ms']:.2f} | {r['new_overhead_ms']:.2f} | "
-                     f"**{ratio:.2f}x** |")
+                     f"{r['new_ms']:.2f} | {r['static_ms']:.2f} | {r.get('compiled_ms', float('nan')):.2f} | "
+                     f"{r['old_overhead_ms']:.2f} | {r['new_overhead_ms']:.2f} | **{ratio:.2f}x** | "
+                     f"{r['old_ms'] / r['new_ms']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -115,12 +117,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no_write", action="store_true", help="print, do not update BENCHMARKS.md")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled static step (inductor; slow "
+                    "to compile on a CPU)")
     args = ap.parse_args(argv)
-    rows = [measure(size, batch, args.repeat) for size in (16, 32) for batch in (1, 32)]
+    rows = [measure(size, batch, args.repeat, args.compile) for size in (16, 32) for batch in (1, 32)]
     body = ("## Sampler overhead per token (zero-cost head)\n\n"
             "`python benchmarks/sampler_overhead.py`: image generation with CFG and per-row generators, the head "
             "replaced by one that returns zeros; backbone hidden 64 x 2 layers so the sampler's share shows. "
-            "Overhead = sampler ms/token - the same decode steps of the backbone alone. Old = the sampler before "
+            "Times in ms per generated token (all rows at once). Overhead = sampler ms/token - the same decode "
+            "steps of the backbone alone (dynamic cache). Compiled: `torch.compile` (inductor) of the static-cache "
+            "decode step, compiled in the warm-up (`--compile`; nan when not run). Old = the sampler before "
             "the generation package (frozen copy), new = `mmar.generation`; both measured in this run "
             f"(best of {args.repeat}).\n\n" + table(rows) + f"\n\nMachine: {machine()}.\n")
     print(body)
