@@ -41,6 +41,11 @@ class ModalitySpec:
     token_dim: int | None = None  # continuous tokens: values per token
     vocab_size: int | None = None  # discrete tokens: codebook size
     can_generate: bool = True  # False: understanding only (no head; its tokenizer cannot decode)
+    # items of several sizes (image tokenizers with ``sizes``): each [height, width], its token grid
+    # [rows, cols] and the id of its size marker, in the tokenizer's order (default size first)
+    sizes: list[list[int]] | None = None
+    grids: list[list[int]] | None = None
+    size_token_ids: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other keys of a saved spec, kept as they are
 
     @property
@@ -62,7 +67,8 @@ class ModalitySpec:
         """The ``config.json`` form: the keys a saved model has always had (no sizes that are unset;
         ``can_generate`` only for continuous modalities, as :func:`build_model` wrote it)."""
         out = {"tokenizer": self.tokenizer, "head": self.head, "token_ids": self.token_ids}
-        sizes = {k: getattr(self, k) for k in ("num_tokens", "token_dim", "vocab_size")}
+        sizes = {k: getattr(self, k) for k in ("num_tokens", "token_dim", "vocab_size", "sizes", "grids",
+                                               "size_token_ids")}
         out.update({k: v for k, v in sizes.items() if v is not None})
         if self.kind == "continuous" and (self.token_dim is not None or not self.can_generate):
             out["can_generate"] = self.can_generate

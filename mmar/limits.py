@@ -30,13 +30,20 @@ def max_positions(config: Any) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def _item_tokens(tok: Any) -> int:
+    """Tokens of the tokenizer's largest item, its size marker included (tokenizers of several sizes)."""
+    if not getattr(tok, "marks_size", False):
+        return tok.num_tokens()
+    return max(tok.num_tokens(size) for size in tok.sizes) + 1
+
+
 class InputLimits:
     """The caps of one model: ``positions`` (the backbone's) and the positions each item takes."""
 
     def __init__(self, processor: Any, config: Any, positions: int | None = None):
         self.processor = processor
         self.positions = positions or max_positions(config)
-        self.item_positions = {m: tok.num_tokens() + ITEM_MARKERS for m, tok in processor.modality_tokenizers.items()}
+        self.item_positions = {m: _item_tokens(tok) + ITEM_MARKERS for m, tok in processor.modality_tokenizers.items()}
         self._longest: int | None = None
 
     @property

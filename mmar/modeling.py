@@ -22,8 +22,8 @@ from transformers.utils import ModelOutput
 from .compat import CACHE
 from .config import MMARConfig, ModalitySpec
 from .heads import SimpleMLPAdaLN, build_head
-from .sequence import IGNORE
-from .tokenizers import ModalityTokenizer, build_tokenizer, modality_token_ids
+from .sequence import IGNORE, grid_positions
+from .tokenizers import ModalityTokenizer, build_tokenizer, marked_sizes, modality_token_ids, size_token_ids
 
 
 @dataclass
@@ -69,8 +69,8 @@ class MMARModel(MMARPreTrainedModel):
                 self.projections[m] = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
                 if spec.can_generate:
                     self.heads[m] = build_head(spec.head, cond_dim=hidden, token_dim=dim)
-            if config.pos_embed:
-                self.pos_embeds[m] = nn.Embedding(spec.num_tokens, hidden)
+            if config.pos_embed:  # one learned vector per cell of the largest grid (per index: one size)
+                self.pos_embeds[m] = nn.Embedding(position_table_size(spec), hidden)
         self.placeholder = config.placeholder_ids()
         self.post_init()
 
@@ -101,7 +101,8 @@ class MMARModel(MMARPreTrainedModel):
 
     def embed_values(self, modality: str, values: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Embed tokens of one modality, continuous ``[n, token_dim]`` or discrete ``[n]``; ``index`` =
-        position of each within its item (defaults to consecutive complete items)."""
+        position of each within its item (defaults to consecutive complete items of the default size),
+        ``row * width + col`` for modalities of several sizes (see :func:`mmar.sequence.grid_positions`)."""
         if values.is_floating_point():
             if not torch.isfinite(values).all():
                 raise ValueError(f"{modality} tokens contain NaN or inf")
@@ -124,8 +125,18 @@ class MMARModel(MMARPreTrainedModel):
             if n != have:
                 raise ValueError(f"{n} {m} placeholder tokens in input_ids but {have} {m} tokens given")
             if n:
-                embeds = embeds.masked_scatter(mask[..., None], self.embed_values(m, v).to(embeds.dtype))
+                index = self.item_positions(m, input_ids)
+                embeds = embeds.masked_scatter(mask[..., None], self.embed_values(m, v, index).to(embeds.dtype))
         return embeds
+
+    def item_positions(self, modality: str, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Cell index of each ``modality`` placeholder in ``input_ids``, read off the size markers; ``None``
+        for a modality of one size (its tokens are numbered within each item)."""
+        spec = self.config.modalities[modality]
+        if modality not in self.pos_embeds or not spec.size_token_ids:
+            return None
+        return grid_positions(input_ids, spec.token_ids["start"], spec.token_ids["token"],
+                              spec.size_token_ids, [tuple(g) for g in spec.grids], grid_width(spec))
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, values=None, labels=None,
@@ -176,18 +187,34 @@ class MMARModel(MMARPreTrainedModel):
 AutoModel.register(MMARConfig, MMARModel)
 
 
+def grid_width(spec: ModalitySpec) -> int:
+    """Columns of the widest grid of a modality of several sizes (the row length of its position table)."""
+    return max(c for _, c in spec.grids)
+
+
+def position_table_size(spec: ModalitySpec) -> int:
+    """Cells of the position table: rows x columns of the bounding grid, or the tokens of the one size."""
+    if spec.grids:
+        return max(r for r, _ in spec.grids) * grid_width(spec)
+    return spec.num_tokens
+
+
 def _shared(head: dict) -> dict:
     """Head options that mean the same for a codebook head (its MLP width)."""
     return {k: v for k, v in head.items() if k in ("width",)}
 
 
-def _complete(spec: dict | ModalitySpec, token_ids: dict[str, int]) -> ModalitySpec:
-    """A modality's spec completed from its tokenizer: the tokenizer's config, the ids, the sizes and,
-    for discrete codes, a codebook head unless another head is named."""
+def _complete(spec: dict | ModalitySpec, token_ids: dict[str, int], text_tokenizer, modality: str) -> ModalitySpec:
+    """A modality's spec completed from its tokenizer: the tokenizer's config, the ids, the sizes (and for
+    items of several sizes their grids and size markers) and, for discrete codes, a codebook head unless
+    another head is named."""
     spec = spec.to_dict() if isinstance(spec, ModalitySpec) else dict(spec)
     tok = spec["tokenizer"] if isinstance(spec["tokenizer"], ModalityTokenizer) else build_tokenizer(spec["tokenizer"])
     out = ModalitySpec.from_dict({**spec, "tokenizer": {"name": tok.name, **tok.config()}})
     out.num_tokens, out.token_ids = tok.num_tokens(), token_ids
+    if marked_sizes(tok):  # several sizes: each has a marker token and a grid of its own
+        out.sizes, out.grids = [list(sz) for sz in tok.sizes], [list(tok.grid_of(sz)) for sz in tok.sizes]
+        out.size_token_ids = size_token_ids(text_tokenizer, modality, tok.sizes)
     if tok.kind == "discrete":
         out.vocab_size = tok.vocab_size
         if out.head.get("name") in (None, "diffusion"):
@@ -206,7 +233,7 @@ def build_model(backbone: dict | str, tokenizer, modalities: dict, **config_kwar
     Discrete tokenizers get a codebook embedding and, unless another head is named, a codebook head.
     """
     ids = modality_token_ids(tokenizer, modalities)
-    specs = {m: _complete(spec, ids[m]) for m, spec in modalities.items()}
+    specs = {m: _complete(spec, ids[m], tokenizer, m) for m, spec in modalities.items()}
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
     if isinstance(backbone, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from PIL import ImageOps
 
 from .adapters import LoraLoaderMixin, is_adapter_dir, load_adapter_pipeline
 from .generation import DEFAULT_GUIDANCE, GENERATION_CONFIG_NAME, GenerationDefaults, generate  # noqa: F401 (re-exported)
@@ -87,6 +87,7 @@ class _Request:
     mode: str
     generator: Any
     settings: GenerationDefaults
+    size: tuple[int, int] | None = None  # (height, width) of the images drawn; None: the model's choice
 
 
 class _Cancelled(Exception):
@@ -164,15 +165,17 @@ class MMARPipeline(LoraLoaderMixin):
         return item
 
     def load_image(self, raw: Any) -> PILImage.Image:
-        """Open a path / PIL image / uint8 array and fit it to the image tokenizer (colour mode, size by
-        centre crop + resize), for front doors that take any upload. Bad files raise a clear error."""
+        """Open a path / PIL image / uint8 array and fit it to the image tokenizer, for front doors that
+        take any upload: its colour mode, and a size the model was trained on (the one nearest in aspect
+        ratio; resized, and padded with black where the aspect ratio differs, never stretched or
+        cropped; a warning says what was done). Bad files raise a clear error."""
         tok = self.processor.modality_tokenizers.get(Image.modality)
         if tok is None:
             raise ValueError("this model takes no images; it handles "
                              f"{', '.join(self.processor.modality_tokenizers) or 'text only'}")
-        channels, size = getattr(tok, "channels", 3), getattr(tok, "image_size", None)
-        mode = "L" if channels == 1 else "RGB"
-        img = _open_image(raw, mode=mode, max_pixels=pixel_limit(size))  # limits, EXIF, 16-bit, alpha
+        side = max((max(s) for s in self.image_sizes()), default=None)  # the longest trained side
+        mode = "L" if getattr(tok, "channels", 3) == 1 else "RGB"
+        img = _open_image(raw, mode=mode, max_pixels=pixel_limit(side))  # limits, EXIF, 16-bit, alpha
         if isinstance(img, np.ndarray):
             try:
                 img = convert_image(PILImage.fromarray(img), mode)
@@ -180,10 +183,34 @@ class MMARPipeline(LoraLoaderMixin):
                 raise TypeError(f"cannot read an image from an array of shape {img.shape} and dtype {img.dtype}") from e
         if not isinstance(img, PILImage.Image):
             raise TypeError(f"cannot read an image from {type(img).__name__}; give a path, a PIL image or an array")
-        if size and img.size != (size, size):
-            smaller = img.size[0] > size or img.size[1] > size
-            img = ImageOps.fit(img, (size, size), method=PILImage.BOX if smaller else PILImage.BICUBIC)
+        if hasattr(tok, "fit_to_size"):
+            img, note = tok.fit_to_size(img)
+            if note:
+                warnings.warn(f"{note}; this model was trained on {self._sizes_text()}", stacklevel=2)
         return img
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """The ``(height, width)`` sizes the model's image tokenizer was trained on, the default first."""
+        tok = self.processor.modality_tokenizers.get(Image.modality)
+        return [tuple(s) for s in getattr(tok, "sizes", None) or []]
+
+    def _sizes_text(self) -> str:
+        return ", ".join(f"{h}x{w}" for h, w in self.image_sizes()) + " (height x width)"
+
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int] | None:
+        """The trained size that ``height`` / ``width`` ask for (either may be left out when the other
+        picks one size), ``None`` when both are left out; a clear error for a size not trained on."""
+        if height is None and width is None:
+            return None
+        sizes = self.image_sizes()
+        if not sizes:
+            raise ValueError("height= / width= need a model that draws images")
+        match = [s for s in sizes if height in (None, s[0]) and width in (None, s[1])]
+        if len(match) != 1:
+            asked = f"height={height}, width={width}"
+            raise ValueError(f"{asked}: this model draws images of {self._sizes_text()}" +
+                             ("; give both height and width" if match else ""))
+        return match[0]
 
     def _prompt(self, prompt: Any, media: list | None) -> list[Message]:
         if isinstance(prompt, str):
@@ -235,18 +262,24 @@ class MMARPipeline(LoraLoaderMixin):
 
     # -- generation ----------------------------------------------------------------------------
     def _request(self, prompt: Any, media: dict, mode: str, generator, sampling: dict, *,
-                 single: bool = False) -> _Request:
+                 single: bool = False, size: tuple = (None, None)) -> _Request:
         """The preparation ``__call__`` and ``stream`` share: prompts, their media, validated settings."""
         batch = bool(isinstance(prompt, list) and prompt and not isinstance(prompt[0], (Message, dict)))
         if batch and single:
             raise ValueError("stream() takes one prompt; call the pipeline itself for a batch")
         prompts = prompt if batch else [prompt]
         settings = self.generation_config.replace(**sampling)  # None = the default; bad values raise here
-        return _Request(prompts, self._media_lists(prompts, batch, media), mode, generator, settings)
+        return _Request(prompts, self._media_lists(prompts, batch, media), mode, generator, settings,
+                        self.image_size(*size))
 
     def _run(self, req: _Request, callback=None):
         start = req.mode if req.mode in self.processor.modality_tokenizers else None
-        enc = [self._encode(self._prompt(p, media), start, req.mode) for p, media in zip(req.prompts, req.media)]
+        start_size = req.size if start == Image.modality else None
+        enc = [self._encode(self._prompt(p, media), start, req.mode, start_size)
+               for p, media in zip(req.prompts, req.media)]
+        # every image a row opens has the size asked for (models of several sizes)
+        sizes = {Image.modality: req.size} if req.size is not None and Image.modality in self.processor.size_ids \
+            else None
         b = self.processor.collate(enc, padding_side="left")
         dev = self.device
         values = {m: v.to(dev) for m, v in b["values"].items()}
@@ -254,7 +287,8 @@ class MMARPipeline(LoraLoaderMixin):
             return generate(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev), values,
                             config=req.settings, decode_text=self.processor.decode_text, mode=req.mode,
                             generator=req.generator, suppress_ids=self.processor.tokenizer.all_special_ids,
-                            eos_token_id=self.processor.stop_id, progress=self.progress, callback=callback)
+                            eos_token_id=self.processor.stop_id, progress=self.progress, callback=callback,
+                            sizes=sizes)
 
     @property
     def limits(self) -> InputLimits:
@@ -263,11 +297,12 @@ class MMARPipeline(LoraLoaderMixin):
             self._limits = InputLimits(self.processor, self.model.config)
         return self._limits
 
-    def _encode(self, messages: list[Message], start: str | None, mode: str):
+    def _encode(self, messages: list[Message], start: str | None, mode: str, start_size=None):
         """Encode one prompt within the backbone's positions: items and text are counted before anything
         is decoded or tokenized, the exact length after (a clear ValueError either way)."""
         self.limits.check_messages(messages)
-        enc = self.processor.encode(messages, add_generation_prompt=True, start_modality=start)
+        enc = self.processor.encode(messages, add_generation_prompt=True, start_modality=start,
+                                    start_size=start_size)
         self.limits.check_length(len(enc), mode)
         return enc
 
@@ -281,27 +316,31 @@ class MMARPipeline(LoraLoaderMixin):
     @torch.no_grad()
     def __call__(self, prompt: Any, images: list | None = None, *, audio: list | None = None,
                  media: dict[str, list] | None = None, mode: str = "auto", generator=None, output_type: str = "pil",
+                 height: int | None = None, width: int | None = None,
                  **sampling) -> MMARPipelineOutput:
         """``prompt``: a string, a conversation (list of messages), or a list of those (a batch). ``images``:
         images that go before the text of a string prompt (one list per prompt in a batch). ``audio``:
         audio clips (paths, :class:`Audio`, or ``(waveform, sampling_rate)``) that go after the images,
         likewise. ``media``: ``{modality: items}`` for any modality of the model (``images`` and ``audio``
         are shortcuts for ``media={"image": ..., "audio": ...}``). ``mode``: ``"auto"``, ``"text"``, or a
-        modality to open an item of at once. ``sampling``: any :class:`GenerationDefaults` setting (``max_new_tokens``,
-        ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``, ``image_temperature``,
-        ``num_inference_steps``, ``max_items``, ...); those left out or ``None`` come from
-        ``self.generation_config``."""
-        out = self._run(self._request(prompt, self._media(images, audio, media), mode, generator, sampling))
+        modality to open an item of at once. ``height`` / ``width``: the size of the images drawn, one of
+        :meth:`image_sizes` (default: the model picks, or the only size it has). ``sampling``: any
+        :class:`GenerationDefaults` setting (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+        ``guidance_scale``, ``image_temperature``, ``num_inference_steps``, ``max_items``, ...); those left
+        out or ``None`` come from ``self.generation_config``."""
+        out = self._run(self._request(prompt, self._media(images, audio, media), mode, generator, sampling,
+                                      size=(height, width)))
         segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]
         latents = [[s for s in row if not isinstance(s, str)] for row in out.segments]
         return MMARPipelineOutput(segments=segments, latents=latents)
 
     def stream(self, prompt: Any, images: list | None = None, *, audio: list | None = None,
                media: dict[str, list] | None = None, mode: str = "auto", generator=None, output_type: str = "pil",
-               **sampling) -> Iterator[Any]:
+               height: int | None = None, width: int | None = None, **sampling) -> Iterator[Any]:
         """Like ``__call__`` for one prompt, but yields text pieces (``str``) and finished images as the
         sampler produces them. Generation runs in a background thread; closing the iterator stops it."""
-        req = self._request(prompt, self._media(images, audio, media), mode, generator, sampling, single=True)
+        req = self._request(prompt, self._media(images, audio, media), mode, generator, sampling, single=True,
+                            size=(height, width))
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 

@@ -5,6 +5,15 @@ plain list of segments (one assistant turn: everything is trained on). Each
 image / audio segment becomes ``<|image_start|> <|image|>*N <|image_end|>``;
 the placeholders are replaced by projected continuous tokens in the model.
 
+Images of several sizes: when the image tokenizer has more than one size, a
+size marker follows the start token, ``<|image_start|> <|image_8x12|>
+<|image|>*N <|image_end|>`` with ``N = (8 / p) * (12 / p)`` (Emu3 and
+Lumina-mGPT write the size there too). The marker is an ordinary special token
+the LM head learns to predict, so a sampler reads (or forces) the size before
+drawing the item's tokens, and :func:`grid_positions` gives every placeholder
+its (row, column) cell from the marker before it. A tokenizer with one size
+keeps the plain layout, so models saved before this read their sequences alike.
+
 Labels follow one rule: ``labels[t]`` is the token the model must predict at
 ``t`` (``-100`` where nothing is trained). A placeholder id in ``labels``
 marks a continuous token that the modality's head learns to produce.
@@ -18,7 +27,8 @@ from typing import Any
 
 import torch
 
-from .tokenizers import ModalityTokenizer, build_tokenizer, modality_token_ids, modality_tokens
+from .tokenizers import (ModalityTokenizer, build_tokenizer, marked_sizes, modality_token_ids, modality_tokens,
+                         size_token, size_token_ids)
 
 from .types import IGNORE, ROLES, Audio, Image, Item, Message, Segment, Text, as_messages  # noqa: F401
 
@@ -52,7 +62,11 @@ class MMARProcessor:
         self.tokenizer = tokenizer
         self.modality_tokenizers = dict(modality_tokenizers)
         self.token_ids = modality_token_ids(tokenizer, self.modality_tokenizers)
+        # size markers of tokenizers with several sizes: {modality: {(height, width): id}}
+        self.size_ids = {m: dict(zip(marked_sizes(t), size_token_ids(tokenizer, m, marked_sizes(t))))
+                         for m, t in self.modality_tokenizers.items() if marked_sizes(t)}
         self.reserved = {tok: m for m in self.modality_tokenizers for tok in modality_tokens(m).values()}
+        self.reserved.update({size_token(m, s): m for m, ids in self.size_ids.items() for s in ids})
         self.reserved.update({t: "special" for t in tokenizer.all_special_tokens})
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -74,6 +88,27 @@ class MMARProcessor:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def encode_item(self, segment: Item) -> tuple[str, torch.Tensor]:
+        """A segment -> its modality and tokens."""
+        modality, tokens, _ = self.encode_item_sized(segment)
+        return modality, tokens
+
+    def item_ids(self, modality: str, num_tokens: int, size: tuple[int, int] | None = None) -> list[int]:
+        """The ids of one item: start, the size marker (tokenizers with several sizes), placeholders, end."""
+        tid = self.token_ids[modality]
+        return [tid["start"]] + self.size_marker(modality, size) + [tid["token"]] * num_tokens + [tid["end"]]
+
+    def size_marker(self, modality: str, size: tuple[int, int] | None) -> list[int]:
+        """``[id]`` of the marker of ``size``, ``[]`` for a modality without markers."""
+        if modality not in self.size_ids:
+            return []
+        if size is None or tuple(size) not in self.size_ids[modality]:
+            known = ", ".join(f"{h}x{w}" for h, w in self.size_ids[modality])
+            got = "no size" if size is None else f"{size[0]}x{size[1]}"
+            raise ValueError(f"{modality}: {got} given; this model's {modality}s are {known} (height x width)")
+        return [self.size_ids[modality][tuple(size)]]
+
+    def encode_item_sized(self, segment: Item) -> tuple[str, torch.Tensor, tuple[int, int] | None]:
+        """A segment -> its modality, tokens and size (``(height, width)`` for images, else ``None``)."""
         modality = segment.modality
         if modality not in self.modality_tokenizers:
             raise ValueError(f"this model has no {modality} tokenizer; it handles "
@@ -85,13 +120,14 @@ class MMARProcessor:
         except (ValueError, TypeError, FileNotFoundError) as e:
             where = f"{os.fspath(raw)}: " if isinstance(raw, (str, os.PathLike)) and os.fspath(raw) not in str(e) else ""
             raise type(e)(f"{where}{modality} segment rejected: {e}") from e
-        return modality, tok.encode(item[None])[0]
+        return modality, tok.encode(item[None])[0], tok.size_of(item)
 
     def encode(self, sample: Any, *, add_generation_prompt: bool = False, drop_prompt: bool = False,
-               start_modality: str | None = None) -> Encoded:
+               start_modality: str | None = None, start_size: tuple[int, int] | None = None) -> Encoded:
         """Lay out one sample. ``drop_prompt`` removes the non-assistant text (condition dropout);
         ``add_generation_prompt`` leaves the sequence open for the model to answer, optionally
-        already inside a ``start_modality`` item (forced text-to-image)."""
+        already inside a ``start_modality`` item (forced text-to-image), of ``start_size`` (height,
+        width) when given and the modality has several sizes (else the model picks the size)."""
         messages = as_messages(sample)
         ids: list[int] = [] if self.bos_id is None else [self.bos_id]
         labels: list[int] = [IGNORE] * len(ids)
@@ -111,9 +147,8 @@ class MMARProcessor:
                     ids += new
                     labels += new if train else [IGNORE] * len(new)
                 else:
-                    modality, tokens = self.encode_item(seg)
-                    tid = self.token_ids[modality]
-                    new = [tid["start"]] + [tid["token"]] * tokens.shape[0] + [tid["end"]]
+                    modality, tokens, size = self.encode_item_sized(seg)
+                    new = self.item_ids(modality, tokens.shape[0], size)
                     ids += new
                     labels += new if train else [IGNORE] * len(new)
                     values[modality].append(tokens)
@@ -129,8 +164,11 @@ class MMARProcessor:
         if add_generation_prompt and start_modality is not None:
             if start_modality not in self.token_ids:
                 raise ValueError(f"cannot start a {start_modality!r} item: this model has no such tokenizer")
-            ids.append(self.token_ids[start_modality]["start"])
-            labels.append(IGNORE)
+            opened = [self.token_ids[start_modality]["start"]]
+            if start_size is not None and start_modality in self.size_ids:
+                opened += self.size_marker(start_modality, start_size)
+            ids += opened
+            labels += [IGNORE] * len(opened)
         if len(ids) == 0:
             raise ValueError("the sample is empty")
         return Encoded(ids, labels, values)
@@ -219,8 +257,12 @@ class MMARProcessor:
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def decode_item(self, modality: str, tokens: torch.Tensor):
-        return self.modality_tokenizers[modality].decode(tokens[None])[0]
+    def decode_item(self, modality: str, tokens: torch.Tensor, size: tuple[int, int] | None = None):
+        """One item's tokens -> the item; ``size`` (height, width) for tokenizers with several sizes."""
+        tok = self.modality_tokenizers[modality]
+        if size is None:
+            return tok.decode(tokens[None])[0]
+        return tok.decode(tokens[None], size=tuple(size))[0]
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -244,3 +286,24 @@ class MMARProcessor:
         return cls(tokenizer, toks)
 
 
+def grid_positions(input_ids: torch.Tensor, start_id: int, placeholder_id: int, size_ids: list[int],
+                   grids: list[tuple[int, int]], width: int) -> torch.Tensor:
+    """The cell of every ``placeholder_id`` in ``input_ids`` ``[B, L]``, in row-major order: ``row * width +
+    col``, where the item's grid (``grids[i]`` for marker ``size_ids[i]``) is read from the size marker
+    after its start token and ``width`` is the widest grid's column count (the table's row length)."""
+    ph = input_ids == placeholder_id
+    count = ph.long().cumsum(-1)  # placeholders so far, this one included
+    base = torch.where(input_ids == start_id, count, torch.zeros_like(count)).cummax(-1).values
+    k = count - base - 1  # index within the item
+    steps = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    is_marker = torch.isin(input_ids, torch.tensor(size_ids, device=input_ids.device))
+    last = torch.where(is_marker, steps, torch.full_like(steps, -1)).cummax(-1).values
+    marker = input_ids.gather(-1, last.clamp(min=0))
+    cols = torch.zeros_like(input_ids)
+    for sid, (_, c) in zip(size_ids, grids):
+        cols = torch.where(marker == sid, c, cols)
+    if ((last < 0) & ph).any() or ((cols == 0) & ph).any():
+        raise ValueError("image tokens without a size marker before them: this model's items of several "
+                         "sizes are laid out as <|image_start|> <|image_HxW|> <|image|>... <|image_end|>")
+    cols = cols.clamp(min=1)
+    return ((k // cols) * width + k % cols)[ph]

@@ -23,7 +23,7 @@ def make_tiny(seed: int = 0, modalities=None, **config_kwargs):
     torch.manual_seed(seed)
     modalities = modalities or TINY_MODALITIES
     tok = train_bpe_tokenizer(all_texts(), vocab_size=300)
-    add_modality_tokens(tok, list(modalities))
+    add_modality_tokens(tok, modalities)
     model = build_model(dict(TINY_BACKBONE), tok, modalities, **config_kwargs).eval()
     # random (not zero) head outputs, so generation tests see the latents move
     for p in model.heads.parameters():

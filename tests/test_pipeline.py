@@ -164,8 +164,11 @@ def test_generation_defaults_round_trip(tiny_dir, tmp_path):
 def test_load_image_fits_any_upload(pipe, tmp_path):
     big = PILImage.new("RGBA", (64, 48), (255, 255, 255, 255))
     big.save(tmp_path / "big.png")
-    img = pipe.load_image(tmp_path / "big.png")
-    assert img.size == (8, 8) and img.mode == "L" and np.asarray(img).min() == 255
+    with pytest.warns(UserWarning, match="resized to 6x8 and padded to 8x8"):
+        img = pipe.load_image(tmp_path / "big.png")
+    # 48x64 (height x width) fits as 6x8 and is padded, never stretched or cropped: one black row above and below
+    arr = np.asarray(img)
+    assert img.size == (8, 8) and img.mode == "L" and arr[1:7].min() == 255 and arr[[0, 7]].max() == 0
     # a nearest-upscaled digit comes back exactly (what the demo shows and users may upload again)
     small = PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
     assert np.array_equal(np.asarray(pipe.load_image(small.resize((128, 128), PILImage.NEAREST))), np.asarray(small))

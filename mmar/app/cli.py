@@ -99,11 +99,12 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     gens = [torch.Generator().manual_seed(ns.seed + i) for i in range(ns.num)]
     settings = {k: getattr(ns, k) for k in ("guidance_scale", "temperature", "max_new_tokens", "num_inference_steps")}
     out = pipe([ns.prompt] * ns.num, media={m: [x] * ns.num for m, x in items.items()}, mode=ns.mode,
-               generator=gens, **settings)
+               generator=gens, height=ns.height, width=ns.width, **settings)
     os.makedirs(ns.output, exist_ok=True)
     used = {k: getattr(pipe.generation_config, k) if v is None else v for k, v in settings.items()}
     inputs = {_RECORD_KEY.get(m, m): paths.get(m, []) for m in segment_modalities()}
     record = {"model": ns.model, "prompt": ns.prompt, **inputs, "mode": ns.mode, "seed": ns.seed,
+              "height": ns.height, "width": ns.width,
               **used, "outputs": []}
     for i, row in enumerate(out.segments):
         files, k = [], 0
@@ -317,6 +318,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels, one of the sizes the model was trained on (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (likewise)")
     p.add_argument("--output", default="outputs")
     p.set_defaults(func=cmd_generate)
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 import weakref
 from typing import Any
 
@@ -190,9 +191,14 @@ class _Handlers:
     def _load(self, modality: str, raw: Any, name: str) -> Item:
         """An input item, checked against the model and fitted to it (:meth:`MMARPipeline.load`)."""
         try:
-            return self.pipe.load(modality, raw)
+            with warnings.catch_warnings(record=True) as notes:  # fitted to a trained size: say so in the page
+                warnings.simplefilter("always")
+                item = self.pipe.load(modality, raw)
         except (ValueError, TypeError, OSError) as e:  # e.g. a decompression bomb: a clear refusal
             raise gr.Error(f"Cannot use {name}: {public(e)}") from e
+        for note in notes:
+            gr.Warning(f"{name}: {note.message}")
+        return item
 
     def _upload(self, path: str) -> Item:
         """An uploaded file as a segment of the modality its type says (images fitted to the model)."""
@@ -277,8 +283,10 @@ class _Handlers:
 
     @_client_errors
     def generate(self, prompt: str, guidance_scale: float, num_inference_steps: float, seed: float,
-                 num_images: float, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
-        """Text-to-image: ``num_images`` images, image i drawn with seed ``seed + i``."""
+                 num_images: float, size: str | None = None,
+                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's idiom
+        """Text-to-image: ``num_images`` images, image i drawn with seed ``seed + i``; ``size`` is one of
+        the trained sizes as ``"HxW"`` (models of several sizes)."""
         prompt = self._check_prompt(prompt)
         if not prompt:
             raise gr.Error("Type a prompt first.")
@@ -287,13 +295,25 @@ class _Handlers:
         if not 0 <= seed <= MAX_SEED:
             raise gr.Error(f"The seed must be between 0 and {MAX_SEED}, got {seed}.")
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        height, width = _parse_size(size)
         try:
             out = self.pipe([prompt] * n, mode=Image.modality, max_items=1, guidance_scale=guidance_scale,
-                            num_inference_steps=int(num_inference_steps), generator=gens)
+                            num_inference_steps=int(num_inference_steps), generator=gens, height=height, width=width)
         except (ValueError, TypeError) as e:
             raise gr.Error(str(e)) from e
         return [(_display(imgs[0], self._new_path(".png")), f"seed {seed + i}")
                 for i, imgs in enumerate(out.images) if imgs]
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"8x12"`` -> ``(8, 12)``; nothing chosen -> ``(None, None)`` (the model's default)."""
+    if not size:
+        return None, None
+    try:
+        height, width = (int(v) for v in str(size).lower().split("x"))
+    except ValueError:
+        raise gr.Error(f"The size must read HEIGHTxWIDTH, e.g. 8x12, got {size!r}.") from None
+    return height, width
 
 
 def _chat_tab(h: _Handlers, max_new_tokens: int, chat_memory: bool, chat_examples: list[dict] | None) -> None:
@@ -337,13 +357,16 @@ def _generate_tab(h: _Handlers, max_prompt_chars: int, max_steps: int, max_image
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
                 count = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="number of images")
+            sizes = [f"{height}x{width}" for height, width in h.pipe.image_sizes()]  # trained sizes, default first
+            size_choice = [gr.Dropdown(sizes, value=sizes[0], label="size (height x width)",
+                                       elem_id="gen-size")] if len(sizes) > 1 else []
             button = gr.Button("Generate", variant="primary", elem_id="gen-button")
             if prompt_examples:
                 gr.Examples([[p] for p in prompt_examples], inputs=[prompt], label="examples")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="images", columns=4, height=360, object_fit="contain",
                                  elem_id="gen-gallery", format="png")
-    inputs = [prompt, cfg, n_steps, seed, count]
+    inputs = [prompt, cfg, n_steps, seed, count] + size_choice
     button.click(h.generate, inputs, gallery, api_name="generate", concurrency_id="model")
     prompt.submit(h.generate, inputs, gallery, api_visibility="private", concurrency_id="model")
 

@@ -5,6 +5,10 @@ Three kinds of sample, from a fixed train / held-out split of the 1,797 8x8 imag
 * text-to-image: "draw the digit seven" -> image
 * image-to-text: image + "which digit is this?" -> "7"
 * interleaved: "a 3 and then a 4:" -> image, image
+
+With ``sizes`` (``[height, width]`` pairs, e.g. :data:`MIXED_SIZES`) every image is padded with black
+to one of them, centred, the size drawn per sample: a task of several image sizes and aspect
+ratios whose content is still judged by the 8x8 classifier (:func:`crop_digit` takes it back out).
 """
 
 from __future__ import annotations
@@ -23,6 +27,26 @@ T2I_PROMPTS = ("draw the digit {w}", "draw a {d}", "write the number {w}", "a ha
 I2T_PROMPTS = ("which digit is this?", "what number is written here?", "read this digit", "what is this digit?")
 PAIR_PROMPTS = ("a {d1} and then a {d2}:", "draw {w1} then {w2}", "write {d1}, then {d2}")
 MAX_VALUE = 16  # load_digits pixels are 0..16
+DIGIT_SIZE = 8
+MIXED_SIZES = ((8, 8), (8, 12), (12, 8))  # square, wide and tall (height x width), for dataset "digits-sizes"
+
+
+def pad_digit(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An 8x8 digit centred on a black ``size`` (height, width) canvas."""
+    h, w = size
+    if h < image.shape[0] or w < image.shape[1]:
+        raise ValueError(f"cannot pad a {image.shape[0]}x{image.shape[1]} digit to {h}x{w}")
+    out = np.zeros((h, w), dtype=image.dtype)
+    top, left = (h - image.shape[0]) // 2, (w - image.shape[1]) // 2
+    out[top: top + image.shape[0], left: left + image.shape[1]] = image
+    return out
+
+
+def crop_digit(image: np.ndarray) -> np.ndarray:
+    """The centred 8x8 digit of a padded image ``[H, W]`` (the inverse of :func:`pad_digit`)."""
+    h, w = image.shape
+    top, left = (h - DIGIT_SIZE) // 2, (w - DIGIT_SIZE) // 2
+    return image[top: top + DIGIT_SIZE, left: left + DIGIT_SIZE]
 
 
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +103,8 @@ class DigitsDataset(Dataset):
     generation targets are never shifted. The draw is a function of (seed, epoch, index), so a resumed
     run sees the same shifts (set ``epoch`` at the start of each epoch)."""
     epoch: int = 0
+    sizes: tuple = ()
+    """``(height, width)`` sizes the images are padded to, one drawn per sample (empty: plain 8x8)."""
 
     def __post_init__(self):
         self.images, self.labels = load_digit_split(self.split)
@@ -116,13 +142,19 @@ class DigitsDataset(Dataset):
     def preview_prompts() -> list[str]:
         return [t2i_prompt(d) for d in range(10)]
 
+    def sized(self, image: np.ndarray, v: int) -> np.ndarray:
+        """``image`` padded to the sample's size (drawn from the sample's own number ``v``)."""
+        return pad_digit(image, tuple(self.sizes[v % len(self.sizes)])) if self.sizes else image
+
     def __getitem__(self, idx: int) -> list[Message]:
         kind, i, v = self.index[idx]
         if kind == "t2i":
-            return [Message("user", t2i_prompt(int(self.labels[i]), v)), Message("assistant", [Image(self.images[i])])]
+            return [Message("user", t2i_prompt(int(self.labels[i]), v)),
+                    Message("assistant", [Image(self.sized(self.images[i], v // 7))])]
         if kind == "i2t":
-            return [Message("user", [Image(self.shifted(self.images[i], idx)), i2t_prompt(v)]),
+            return [Message("user", [Image(self.sized(self.shifted(self.images[i], idx), v // 7)), i2t_prompt(v)]),
                     Message("assistant", str(int(self.labels[i])))]
         a, b = i
         return [Message("user", pair_prompt(int(self.labels[a]), int(self.labels[b]), v)),
-                Message("assistant", [Image(self.images[a]), Image(self.images[b])])]
+                Message("assistant", [Image(self.sized(self.images[a], v // 7)),
+                                      Image(self.sized(self.images[b], v // 11))])]

@@ -29,6 +29,15 @@ def _digits(split: str, seed: int = 0, pairs_per_image: float = 0.5, shift_prob:
     return DigitsDataset(split=split, seed=seed, pairs_per_image=pairs_per_image, shift_prob=shift_prob)
 
 
+@register_dataset("digits-sizes")
+def _digits_sizes(split: str, seed: int = 0, pairs_per_image: float = 0.5, shift_prob: float = 0.0, **_) -> Dataset:
+    """Digits padded to 8x8, 8x12 and 12x8 (height x width), one size per sample."""
+    from .digits import MIXED_SIZES, DigitsDataset
+
+    return DigitsDataset(split=split, seed=seed, pairs_per_image=pairs_per_image, shift_prob=shift_prob,
+                         sizes=MIXED_SIZES)
+
+
 @register_dataset("spoken-digits")
 def _spoken_digits(split: str, seed: int = 0, cache_dir: str | None = None, **_) -> Dataset:
     from .spoken_digits import DEFAULT_CACHE, SpokenDigitsDataset

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("digits", "spoken-digits", "shapes", "jsonl", "chat")
+TASKS = ("digits", "digits-sizes", "spoken-digits", "shapes", "jsonl", "chat")
 
 
 def evaluate(task: str, model_dir: str, **kwargs) -> dict[str, Any]:
@@ -12,6 +12,10 @@ def evaluate(task: str, model_dir: str, **kwargs) -> dict[str, Any]:
         from .digits import evaluate_digits
 
         return evaluate_digits(model_dir, **kwargs)
+    if task == "digits-sizes":
+        from .digit_sizes import evaluate_digit_sizes
+
+        return evaluate_digit_sizes(model_dir, **kwargs)
     if task == "spoken-digits":
         from .spoken_digits import evaluate_spoken_digits
 

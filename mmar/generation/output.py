@@ -4,6 +4,8 @@ The sampler hands every row's new token id (and, for item tokens, its latent) to
 :class:`RowOutput`, which groups them into segments — decoded text runs and ``(modality, tokens)``
 items — and fires the streaming callback: ``callback(row, token_id)`` for a text token,
 ``callback(row, (modality, tokens))`` for a finished item, ``callback(row, None)`` at the row's end.
+Items of a modality with several sizes are ``(modality, tokens, (height, width))``, the size read
+from the marker after their start token.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 @dataclass
 class GenerationOutput:
-    """``segments[b]``: row ``b``'s output in order, ``str`` or ``(modality, tokens [N, token_dim])``."""
+    """``segments[b]``: row ``b``'s output in order, ``str`` or ``(modality, tokens [N, token_dim])``
+    (``(modality, tokens, (height, width))`` for items of a modality with several sizes)."""
 
     segments: list[list] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
@@ -24,9 +27,10 @@ class GenerationOutput:
 class RowOutput:
     """One row's ids, text run, open item and finished segments."""
 
-    def __init__(self, row: int, item: str | None, tables, decode, callback):
+    def __init__(self, row: int, item: str | None, tables, decode, callback, size=None):
         self.row, self.item, self.decode, self.callback = row, item, decode, callback
-        self.eos, self.start_of = tables.eos, tables.start_of
+        self.size = size  # (height, width) of the open item, from its marker
+        self.eos, self.start_of, self.size_of = tables.eos, tables.start_of, tables.size_of
         self.end_of = {int(e): m for m, e in zip(tables.names, tables.end.tolist())}
         self.ids: list[int] = []
         self.text: list[int] = []
@@ -44,9 +48,10 @@ class RowOutput:
             self.text = []
 
     def _close_item(self) -> None:
-        self.segments.append((self.item, torch.stack(self.latents)))
+        tokens = torch.stack(self.latents)
+        self.segments.append((self.item, tokens) if self.size is None else (self.item, tokens, self.size))
         self._emit(self.segments[-1])
-        self.item, self.latents = None, []
+        self.item, self.latents, self.size = None, [], None
 
     def add(self, token: int, latent: torch.Tensor | None = None) -> None:
         """The row's token of one step; ``latent`` when it is an item token."""
@@ -55,6 +60,8 @@ class RowOutput:
             self.latents.append(latent)
         elif self.item is not None and token in self.end_of:
             self._close_item()
+        elif self.item is not None and token in self.size_of:
+            self.size = self.size_of[token]
         elif token == self.eos:
             self._flush_text()
             self.done = True

@@ -11,10 +11,12 @@ Classifier-free guidance runs an unconditional copy of every row in the same bac
 ``BOS <|image_start|>`` and the item's own tokens — exactly what condition dropout trained on.
 
 Each step (:meth:`Sampler.run`): ``snapshot`` (the one host sync of the step), ``forward`` (the backbone),
-``step_items`` (heads draw the next latent of rows inside an item), ``close_items`` (rows whose item is
-complete get its end token), ``step_text`` (the LM head and the logits processors pick the text rows'
-tokens), ``advance`` (write the new column into the preallocated mask, positions and embeddings). Row
-state (open item, tokens into it, counters, done) lives in tensors on the model's device.
+``step_sizes`` (rows that just opened an item of a modality with several sizes get its size marker: the
+one asked for, or the LM head's choice among the markers), ``step_items`` (heads draw the next latent of
+rows inside an item), ``close_items`` (rows whose item is complete get its end token), ``step_text`` (the
+LM head and the logits processors pick the text rows' tokens), ``advance`` (write the new column into the
+preallocated mask, positions and embeddings). Row state (open item, its size, tokens into it, counters,
+done) lives in tensors on the model's device, so rows of one batch can draw items of different sizes.
 """
 
 from __future__ import annotations
@@ -81,13 +83,14 @@ class _Snapshot:
     need: list[int]
     done: list[bool]
     last: list[int]
+    sizing: list[bool]
 
 
 class Sampler:
     """Holds one call's state; :meth:`run` samples. See :func:`generate` for the arguments."""
 
     def __init__(self, model, input_ids, attention_mask, values, settings: GenerationDefaults, *, mode,
-                 decode_text, generator, suppress_ids, eos_token_id, progress, callback):
+                 decode_text, generator, suppress_ids, eos_token_id, progress, callback, sizes=None):
         if mode not in _modes(model):
             raise ValueError(f"mode must be one of {_modes(model)}, got {mode!r}")
         if attention_mask[:, -1].eq(0).any():
@@ -103,18 +106,25 @@ class Sampler:
                                            eos=self.t.eos, text_only=mode == "text")
         self.limit = settings.max_new_tokens + settings.max_items * (self.t.longest_item + 2) + 1
         opened = self._open_rows(input_ids)
+        self.forced = self._forced_markers(sizes)
+        sized = [self.t.size_of.get(last) for last in input_ids[:, -1].tolist()]
         self.rows = [RowOutput(b, self.t.names[i] if i >= 0 else None, self.t, decode_text or (lambda ids: ids),
-                               callback) for b, i in enumerate(opened)]
+                               callback, size=sized[b]) for b, i in enumerate(opened)]
         self._prepare_sequence(input_ids, attention_mask, values, opened)
         self.step_latents: dict[int, torch.Tensor] = {}  # this step's item tokens by row (device tensors)
         self.bar = tqdm(total=self.limit, desc="generating", disable=not progress, leave=False)
 
     # -- prepare -------------------------------------------------------------------------------
     def _open_rows(self, input_ids) -> list[int]:
-        """Row state tensors; a prompt ending in a start token opens that item. Returns each row's item."""
+        """Row state tensors; a prompt ending in a start token (or a start token and a size marker) opens
+        that item. Returns each row's item."""
         opened = []
         for last in input_ids[:, -1].tolist():
-            if last in self.t.start_of:
+            if last in self.t.size_of:  # start + marker: the item and its size are set
+                opened.append(int(self.t.marker_mod[last]))
+                if self.mode not in ("auto", self.t.names[opened[-1]]):
+                    raise ValueError(f"mode {self.mode!r} but the prompt opens a {self.t.names[opened[-1]]} item")
+            elif last in self.t.start_of:
                 if self.mode not in ("auto", self.t.start_of[last]):
                     raise ValueError(f"mode {self.mode!r} but the prompt opens a {self.t.start_of[last]} item")
                 opened.append(self.t.names.index(self.t.start_of[last]))
@@ -130,6 +140,13 @@ class Sampler:
         self.item = longs(opened)  # modality index of the open item, -1 in text
         self.k = torch.zeros_like(self.item)  # tokens of that item so far
         self.need = torch.where(self.item >= 0, self.t.n_tokens[self.item.clamp(min=0)], 0)  # its length
+        last = input_ids[:, -1]
+        has_marker = self.t.marker_mod[last] >= 0
+        self.need = torch.where(has_marker, self.t.marker_need[last], self.need)
+        self.cols = torch.where(has_marker, self.t.marker_cols[last], 0)  # grid columns of a sized item
+        # opened without its size yet: the next step draws (or forces) the marker
+        self.sizing = (self.item >= 0) & ~has_marker & self.t.marked[self.item.clamp(min=0)]
+        self.opened_sized = has_marker  # the prompt's last two tokens are the start and the marker
         self.done = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         self.n_text = torch.zeros_like(self.item)
         self.n_items = (self.item >= 0).long()
@@ -147,6 +164,8 @@ class Sampler:
                 umask[torch.arange(B), first] = (input_ids[torch.arange(B), first] == self.t.bos).long()
             self.bos_only = umask.clone()
             umask[:, -1] = torch.where(self.item >= 0, 1, umask[:, -1])
+            if P > 1:  # an item opened with its marker: the copy sees the start token too
+                umask[:, -2] = torch.where(self.opened_sized, 1, umask[:, -2])
             mask, embeds = torch.cat([mask, umask]), torch.cat([embeds, embeds])
         R, width = mask.shape[0], P + self.limit
         self.mask = torch.zeros(R, width, dtype=torch.long, device=self.device)
@@ -175,6 +194,7 @@ class Sampler:
             step = _Step(ids=torch.full_like(self.item, self.t.pad), embed=self.pad_embed.expand(self.B, -1).clone(),
                          cond=torch.zeros_like(self.item), uncond=torch.zeros_like(self.item))
             self.step_latents = {}
+            self.step_sizes(h, snap, step)
             self.step_items(h, snap, step)
             self.close_items(snap, step)
             self.step_text(h, snap, step)
@@ -189,8 +209,9 @@ class Sampler:
 
     def snapshot(self) -> _Snapshot:
         """The row state on the host: one device-to-host copy per step, not one per row."""
-        item, k, need, done, last = torch.stack([self.item, self.k, self.need, self.done.long(), self.last]).tolist()
-        return _Snapshot(item, k, need, [bool(d) for d in done], last)
+        item, k, need, done, last, sizing = torch.stack(
+            [self.item, self.k, self.need, self.done.long(), self.last, self.sizing.long()]).tolist()
+        return _Snapshot(item, k, need, [bool(d) for d in done], last, [bool(z) for z in sizing])
 
     def deliver(self, tokens: list[int], ran: list[bool]) -> None:
         """Hand the previous step's tokens (and item latents) of the rows that took part to their outputs."""
@@ -240,23 +261,67 @@ class Sampler:
         """Rows inside an item: its head draws the next token (one call per modality for all rows)."""
         hc, hu = self._branches(h)
         for mi, m in enumerate(self.t.names):
-            rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] == mi and snap.k[b] < snap.need[b]]
+            rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] == mi and not snap.sizing[b]
+                    and snap.k[b] < snap.need[b]]
             if not rows:
                 continue
             idx = self._index(rows)
+            k, cols = self.k[idx], self.cols[idx].clamp(min=1)
+            # a sized item's tokens are numbered by cell, row * width + column (as in training)
+            cell = torch.where(self.t.marked[mi], (k // cols) * self.t.width[mi] + k % cols, k)
             gens = [self.gens[b] for b in rows] if isinstance(self.gens, list) else self.gens
             lat = self.model.heads[m].sample(hc[idx], uncond=hu[idx] if self.cfg else None,
                                              guidance_scale=self.s.guidance_scale,
                                              temperature=self.s.image_temperature,
                                              num_inference_steps=self.s.num_inference_steps, generator=gens)
-            step.embed[idx] = self.model.embed_values(m, lat, index=self.k[idx]).to(step.embed.dtype)
+            step.embed[idx] = self.model.embed_values(m, lat, index=cell).to(step.embed.dtype)
             step.ids[idx], step.cond[idx], step.uncond[idx] = self.t.ph[mi], 1, 1
             self.k[idx] += 1
             self.step_latents.update(zip(rows, lat.unbind(0)))
 
+    def _forced_markers(self, sizes) -> torch.Tensor:
+        """``[B, n_mod]`` marker id each row must give its items (``-1``: the LM head chooses), from
+        ``sizes``: ``{modality: (height, width)}`` for every row, or a list of those (or ``None``) per row."""
+        forced = torch.full((self.B, len(self.t.names)), -1, dtype=torch.long, device=self.device)
+        per_row = sizes if isinstance(sizes, (list, tuple)) else [sizes] * self.B
+        if len(per_row) != self.B:
+            raise ValueError(f"got {len(per_row)} size requests for a batch of {self.B}")
+        for b, asked in enumerate(per_row):
+            for m, size in (asked or {}).items():
+                if m not in self.t.names:
+                    raise ValueError(f"sizes: this model has no {m!r} modality")
+                size = tuple(size)
+                if self.t.marker_of[m]:  # a modality of one size has nothing to choose
+                    if size not in self.t.marker_of[m]:
+                        known = ", ".join(f"{h}x{w}" for h, w in self.t.marker_of[m])
+                        raise ValueError(f"{m} size {size[0]}x{size[1]}: this model draws {known} (height x width)")
+                    forced[b, self.t.names.index(m)] = self.t.marker_of[m][size]
+        return forced
+
+    def step_sizes(self, h, snap: _Snapshot, step: _Step) -> None:
+        """Rows that just opened an item of several sizes: its size marker, the one asked for or the LM
+        head's choice among the modality's markers (greedy at temperature 0, else drawn)."""
+        rows = [b for b in range(self.B) if not snap.done[b] and snap.sizing[b]]
+        if not rows:
+            return
+        idx = self._index(rows)
+        forced = self.forced[idx, self.item[idx]]
+        logits = self.model.lm_head(self._branches(h)[0][idx]).float()
+        allowed = self.t.marker_mod[None, :] == self.item[idx, None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if self.s.temperature > 0:
+            logits = logits / self.s.temperature
+        chosen = choose(logits, self.s.temperature == 0, self.gens, rows)
+        marker = torch.where(forced >= 0, forced, chosen)
+        step.ids[idx], step.cond[idx], step.uncond[idx] = marker, 1, 1
+        step.embed[idx] = self.embed_tokens(marker).to(step.embed.dtype)
+        self.need[idx], self.cols[idx], self.k[idx] = self.t.marker_need[marker], self.t.marker_cols[marker], 0
+        self.sizing[idx] = False
+
     def close_items(self, snap: _Snapshot, step: _Step) -> None:
         """Rows whose item is complete: its end token (seen by the conditional row only)."""
-        rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] >= 0 and snap.k[b] == snap.need[b]]
+        rows = [b for b in range(self.B) if not snap.done[b] and snap.item[b] >= 0 and not snap.sizing[b]
+                and snap.k[b] == snap.need[b]]
         if not rows:
             return
         idx = self._index(rows)
@@ -291,6 +356,7 @@ class Sampler:
         self.done[idx] |= eos
         self.item[idx], self.k[idx] = mod, 0
         self.need[idx] = torch.where(start, self.t.n_tokens[mod.clamp(min=0)], self.need[idx])
+        self.sizing[idx] = start & self.t.marked[mod.clamp(min=0)]  # its size marker comes next
         self.n_items[idx] += start.long()
         self.n_text[idx] += (~(eos | start)).long()
         if self.cfg:
@@ -322,7 +388,7 @@ class Sampler:
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, values: dict | None = None, *,
              config: GenerationDefaults | None = None, decode_text=None, mode: str = "auto", generator=None,
              suppress_ids: list[int] | None = None, eos_token_id: int | None = None, progress: bool = False,
-             callback=None, **settings) -> GenerationOutput:
+             callback=None, sizes=None, **settings) -> GenerationOutput:
     """Sample continuations of a left-padded batch (see :meth:`MMARProcessor.collate`).
 
     Sampling settings (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``,
@@ -334,10 +400,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
     ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; a modality's name (image,
     audio, ...) expects the prompt to end with that modality's start token (``start_modality`` in the processor).
     ``suppress_ids`` are never sampled (e.g. the tokenizer's other special tokens); ``eos_token_id``
-    (default: the backbone's) ends a row, e.g. the processor's ``stop_id``.
+    (default: the backbone's) ends a row, e.g. the processor's ``stop_id``. ``sizes``: for modalities of
+    several sizes, ``{modality: (height, width)}`` that every row's items get, or one such dict (or
+    ``None``: the model chooses) per row; the items of the output then carry their size as a third
+    element, ``(modality, tokens, (height, width))``.
     """
     settings = (config or GenerationDefaults()).replace(**settings)
     sampler = Sampler(model, input_ids, attention_mask, values, settings, mode=mode, decode_text=decode_text,
                       generator=generator, suppress_ids=suppress_ids, eos_token_id=eos_token_id,
-                      progress=progress, callback=callback)
+                      progress=progress, callback=callback, sizes=sizes)
     return sampler.run()

@@ -62,6 +62,9 @@ class ModalityTokenizer:
 
     token_dim: int | None = None  # continuous tokens
     vocab_size: int | None = None  # discrete tokens
+    # image tokenizers: the (height, width) sizes an item may have, the default first. With more than one the
+    # sequence says which after <|image_start|> (see mmar.sequence) and decode() needs the size.
+    sizes: list[tuple[int, int]] | None = None
 
     def config(self) -> dict[str, Any]:
         """The kwargs that rebuild this tokenizer (plus its registry name)."""
@@ -80,8 +83,17 @@ class ModalityTokenizer:
         raise NotImplementedError
 
     def decode(self, tokens: torch.Tensor) -> Any:
-        """Tokens ``[B, num_tokens, ...]`` -> a list of raw items."""
+        """Tokens ``[B, num_tokens, ...]`` -> a list of raw items (image tokenizers take ``size=(h, w)``)."""
         raise NotImplementedError
+
+    def size_of(self, item: torch.Tensor) -> tuple[int, int] | None:
+        """The ``(height, width)`` of a preprocessed item, for tokenizers whose items vary in size."""
+        return None
+
+    @property
+    def marks_size(self) -> bool:
+        """Whether items of several sizes occur, so the sequence carries a size marker."""
+        return bool(self.sizes) and len(self.sizes) > 1
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:

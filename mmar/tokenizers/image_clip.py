@@ -47,6 +47,8 @@ class ImageCLIPTokenizer(ModalityTokenizer):
         self.mean = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
         self._pixels = ImagePatchTokenizer(image_size=self.image_size, patch_size=1, channels=3, resize=True)
+        self.size = self._pixels.size
+        self.sizes = [self.size]
 
     def load_weights(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -68,6 +70,9 @@ class ImageCLIPTokenizer(ModalityTokenizer):
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         return self._pixels.preprocess(raw)  # RGB [3, H, W] in [0, 1], resized to the tower's size
+
+    def fit_to_size(self, img):
+        return self._pixels.fit_to_size(img)
 
     @torch.no_grad()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from .base import ModalityTokenizer, register_tokenizer
-from .image_patch import ImagePatchTokenizer
-from .layout import patchify, unpatchify
+from .image_patch import ImagePatchTokenizer, as_size, default_and_sizes, size_text
+from .layout import patch_grid, patchify, unpatchify
 
 VAE_DIR = "vae"
 LOSSES = ("l1", "mse")
@@ -46,9 +46,9 @@ class ImageVAETokenizer(ModalityTokenizer):
     modality = "image"
     kind = "continuous"
 
-    def __init__(self, vae_path: str | None = None, vae_config: dict | None = None, image_size: int = 256,
-                 patch_size: int = 1, sample_posterior: bool = False, scaling_factor: float | None = None,
-                 trained: bool | None = None):
+    def __init__(self, vae_path: str | None = None, vae_config: dict | None = None,
+                 image_size: int | list | None = None, patch_size: int = 1, sample_posterior: bool = False,
+                 scaling_factor: float | None = None, trained: bool | None = None, sizes: list | None = None):
         from diffusers import AutoencoderKL
 
         if (vae_path is None) == (vae_config is None):
@@ -70,30 +70,51 @@ class ImageVAETokenizer(ModalityTokenizer):
         self.vae_path, self.vae_config = vae_path, vae_config
         # a VAE read from a directory counts as trained; one built from a config only after fit()
         self.trained = bool(vae_path is not None if trained is None else trained)
-        self.image_size, self.patch_size, self.sample_posterior = image_size, patch_size, sample_posterior
+        self.patch_size, self.sample_posterior = patch_size, sample_posterior
         cfg = self.vae.config
         self.scaling_factor = scaling_factor if scaling_factor is not None else cfg.scaling_factor
         self.shift_factor = getattr(cfg, "shift_factor", None) or 0.0
         self.down = 2 ** (len(cfg.block_out_channels) - 1)
-        if image_size % (self.down * patch_size):
-            raise ValueError(f"image_size {image_size} must be a multiple of {self.down * patch_size} "
-                             f"(VAE downsampling {self.down} x patch_size {patch_size})")
+        self.size, self.sizes = default_and_sizes(image_size if image_size is not None or sizes else 256, sizes)
+        step = self.down * patch_size
+        for s in self.sizes:
+            if s[0] % step or s[1] % step:
+                raise ValueError(f"image size {size_text(s)} must be a multiple of {step} "
+                                 f"(VAE downsampling {self.down} x patch_size {patch_size})")
+        self.image_size = self.size[0] if self.size[0] == self.size[1] else list(self.size)
         self.channels = cfg.latent_channels
-        self.grid = image_size // self.down // patch_size
+        self.grid = self.grid_of(self.size)  # (rows, cols) of the default size
         self.token_dim = patch_size * patch_size * self.channels
-        self._pixels = ImagePatchTokenizer(image_size=image_size, patch_size=1, channels=cfg.in_channels,
-                                           resize=True)
+        self._pixels = ImagePatchTokenizer(image_size=self.image_size, patch_size=1, channels=cfg.in_channels,
+                                           resize=True, sizes=[list(s) for s in self.sizes])
 
     def config(self) -> dict[str, Any]:
-        return dict(vae_path=self.vae_path, vae_config=self.vae_config, image_size=self.image_size,
-                    patch_size=self.patch_size, sample_posterior=self.sample_posterior,
-                    scaling_factor=self.scaling_factor, trained=self.trained)
+        cfg = dict(vae_path=self.vae_path, vae_config=self.vae_config, image_size=self.image_size,
+                   patch_size=self.patch_size, sample_posterior=self.sample_posterior,
+                   scaling_factor=self.scaling_factor, trained=self.trained)
+        if self.marks_size:
+            cfg["sizes"] = [list(s) for s in self.sizes]
+        return cfg
+
+    def grid_of(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid ``(rows, cols)`` of an image of ``size`` (height, width) in pixels."""
+        return patch_grid(size[0], size[1], self.down * self.patch_size)
+
+    def size_of(self, item: torch.Tensor) -> tuple[int, int]:
+        return int(item.shape[-2]), int(item.shape[-1])
 
     def num_tokens(self, item: Any = None) -> int:
-        return self.grid * self.grid
+        """Tokens of the default size, of a ``(height, width)`` size, or of a preprocessed item."""
+        size = self.size if item is None else as_size(item) if isinstance(item, (int, list, tuple)) \
+            else self.size_of(item)
+        rows, cols = self.grid_of(size)
+        return rows * cols
 
     def preprocess(self, raw: Any) -> torch.Tensor:
-        return self._pixels.preprocess(raw)  # [C, H, W] in [0, 1], resized to image_size
+        return self._pixels.preprocess(raw)  # [C, H, W] in [0, 1], fitted to a trained size
+
+    def fit_to_size(self, img):
+        return self._pixels.fit_to_size(img)
 
     @torch.no_grad()
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
@@ -103,20 +124,23 @@ class ImageVAETokenizer(ModalityTokenizer):
         return patchify(z, self.patch_size).float()
 
     @torch.no_grad()
-    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        z = unpatchify(tokens, self.grid, self.grid, self.patch_size) / self.scaling_factor + self.shift_factor
+    def decode_pixels(self, tokens: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        rows, cols = self.grid_of(as_size(size) if size is not None else self.size)
+        z = unpatchify(tokens, rows, cols, self.patch_size) / self.scaling_factor + self.shift_factor
         return (self.vae.decode(z.to(self.vae.dtype)).sample.float() + 1) / 2
 
-    def decode(self, tokens: torch.Tensor) -> list:
-        return [self._pixels.to_pil(x) for x in self.decode_pixels(tokens)]
+    def decode(self, tokens: torch.Tensor, size: tuple[int, int] | None = None) -> list:
+        """Tokens of images of ``size`` (height, width in pixels; default: the default size)."""
+        return [self._pixels.to_pil(x) for x in self.decode_pixels(tokens, size)]
 
     # -- training ------------------------------------------------------------------------------
     def _check_pixels(self, pixels: torch.Tensor) -> None:
-        c, size = self.vae.config.in_channels, self.image_size
-        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (c, size, size):
+        c, (h, w) = self.vae.config.in_channels, self.size
+        if (not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != c
+                or self.size_of(pixels) not in self.sizes):
             shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"image-vae: fit takes preprocessed pixels [n, {c}, {size}, {size}] in [0, 1], "
-                             f"got {shape}")
+            raise ValueError(f"image-vae: fit takes preprocessed pixels [n, {c}, {h}, {w}] in [0, 1] (or another "
+                             f"of its sizes), got {shape}")
         if pixels.shape[0] == 0:
             raise ValueError("image-vae: fit got no images")
         if not torch.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:

@@ -27,11 +27,13 @@ class ImageVQTokenizer(ModalityTokenizer):
     modality = "image"
     kind = "discrete"
 
-    def __init__(self, codebook_size: int = 256, image_size: int = 8, patch_size: int = 2, channels: int = 1,
-                 mean: float = 0.5, std: float = 0.5, resize: bool = False, decay: float = 0.8):
+    def __init__(self, codebook_size: int = 256, image_size: int | list | None = None, patch_size: int = 2,
+                 channels: int = 1, mean: float = 0.5, std: float = 0.5, resize: bool = False, decay: float = 0.8,
+                 sizes: list | None = None):
         from vector_quantize_pytorch import VectorQuantize
 
-        self.patches = ImagePatchTokenizer(image_size, patch_size, channels, mean, std, resize)
+        self.patches = ImagePatchTokenizer(image_size, patch_size, channels, mean, std, resize, sizes)
+        self.size, self.sizes = self.patches.size, self.patches.sizes
         self.codebook_size, self.decay = codebook_size, decay
         self.vocab_size = codebook_size
         self.token_dim = None
@@ -44,7 +46,16 @@ class ImageVQTokenizer(ModalityTokenizer):
         return {**self.patches.config(), "codebook_size": self.codebook_size, "decay": self.decay}
 
     def num_tokens(self, item: Any = None) -> int:
-        return self.patches.num_tokens()
+        return self.patches.num_tokens(item)
+
+    def grid_of(self, size: tuple[int, int]) -> tuple[int, int]:
+        return self.patches.grid_of(size)
+
+    def size_of(self, item: torch.Tensor) -> tuple[int, int]:
+        return self.patches.size_of(item)
+
+    def fit_to_size(self, img):
+        return self.patches.fit_to_size(img)
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         return self.patches.preprocess(raw)
@@ -58,12 +69,13 @@ class ImageVQTokenizer(ModalityTokenizer):
         return codes.long()
 
     @torch.no_grad()
-    def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:
+    def decode_pixels(self, codes: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         codes = codes.long().clamp(0, self.codebook_size - 1)
-        return self.patches.decode_pixels(self.vq.get_codes_from_indices(codes))
+        return self.patches.decode_pixels(self.vq.get_codes_from_indices(codes), size)
 
-    def decode(self, codes: torch.Tensor) -> list:
-        return [self.patches.to_pil(x) for x in self.decode_pixels(codes)]
+    def decode(self, codes: torch.Tensor, size: tuple[int, int] | None = None) -> list:
+        """Code ids ``[B, N]`` of images of ``size`` (height, width; default: the default size)."""
+        return [self.patches.to_pil(x) for x in self.decode_pixels(codes, size)]
 
     def fit(self, pixels: torch.Tensor, steps: int = 200, batch_size: int = 256, seed: int = 0) -> list[float]:
         """Learn the codebook on ``pixels`` ``[n, C, H, W]`` (k-means init, then EMA); returns the

@@ -24,7 +24,8 @@ def lora_config(model: MMARModel, r: int = 8, alpha: int = 16, dropout: float = 
     names = "|".join(sorted(set(target_modules)))
     saved = [f"{kind}.{m}" for m in model.config.modalities for kind in ("projections", "heads", "pos_embeds")
              if m in getattr(model, kind)]
-    new_ids = sorted({i for spec in model.config.modalities.values() for i in spec.token_ids.values()})
+    new_ids = sorted({i for spec in model.config.modalities.values()
+                      for i in [*spec.token_ids.values(), *(spec.size_token_ids or [])]})  # + size markers
     tokens = None
     if train_new_tokens and new_ids:
         tokens = {"embed_tokens": new_ids}

@@ -38,15 +38,18 @@ def plot_loss_curve(log_path: str, out_path: str) -> None:
 
 
 def image_grid(images: list[Image.Image], cols: int, scale: int = 1, pad: int = 2) -> Image.Image:
-    """Tile images (upscaled ``scale`` times, nearest neighbour) into a grid."""
+    """Tile images (upscaled ``scale`` times, nearest neighbour) into a grid; images of other sizes keep
+    their own size, centred in a cell as large as the largest."""
     if not images:
         raise ValueError("no images to tile")
-    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    w, h = max(im.size[0] for im in images) * scale, max(im.size[1] for im in images) * scale
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB").resize((w, h), Image.NEAREST), (pad + c * (w + pad), pad + r * (h + pad)))
+        iw, ih = im.size[0] * scale, im.size[1] * scale
+        grid.paste(im.convert("RGB").resize((iw, ih), Image.NEAREST),
+                   (pad + c * (w + pad) + (w - iw) // 2, pad + r * (h + pad) + (h - ih) // 2))
     return grid
 
 

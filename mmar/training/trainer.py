@@ -43,7 +43,7 @@ def build_text_tokenizer(margs: ModelArguments, dataset):
         tok = train_bpe_tokenizer(dataset.texts(), vocab_size=margs.text_vocab_size)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    add_modality_tokens(tok, list(margs.modalities))
+    add_modality_tokens(tok, margs.modalities)  # a mapping: size markers too
     return tok
 
 
