@@ -6,10 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image as PILImage
 
 from mmar.datasets.shapes import (COLOURS, IMAGE_SIZE, SHAPES, Scene, Shape, ShapesDataset, all_texts, caption,
                                   load_split, questions, t2i_prompt)
-from mmar.eval.shapes import QUESTION_KINDS, analyser_accuracy, check, detect
+from mmar.eval.shapes import QUESTION_KINDS, analyser_accuracy, check, detect, score_answers
 from mmar.sequence import Image
 from tests.conftest import make_tiny
 
@@ -104,18 +105,92 @@ def test_tiny_model_trains_on_shapes():
     assert model.projections["image"][0].weight.grad.abs().sum() > 0
 
 
-def test_evaluator_runs_on_a_tiny_model(tmp_path):
-    import json
+class _ScriptedPipe:
+    """A tiny real pipeline whose answers are scripted: text questions are answered from the held-out
+    scenes (right, or a wrong answer for the question types in ``wrong``), and image prompts get the
+    real held-out image of their scene (an oracle generator)."""
 
-    from mmar.eval.shapes import evaluate_shapes
+    def __init__(self, pipe, wrong: tuple[str, ...] = ()):
+        from mmar.datasets.shapes import questions
+
+        self.pipe, self.wrong = pipe, wrong
+        scenes, images = load_split("test")
+        self.answers = {(im.tobytes(), q): a for s, im in zip(scenes, images) for q, a in questions(s)}
+        self.drawn: dict[str, list] = {}
+        for s, im in zip(scenes, images):
+            self.drawn.setdefault(t2i_prompt(s), []).append(PILImage.fromarray(im))  # as a pipeline returns
+        self.calls = Counter()
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, prompts, mode, **_):
+        from types import SimpleNamespace
+
+        self.calls[mode] += len(prompts)
+        if mode == "text":
+            out = []
+            for (msg,) in prompts:
+                image, question = msg.content[0].image, msg.content[1].text
+                right = self.answers[(np.asarray(image).tobytes(), question)]
+                out.append("wrong" if QUESTION_KINDS[question] in self.wrong else right)
+            return SimpleNamespace(text=out)
+        assert mode == "image"
+        return SimpleNamespace(images=[[self.drawn[p].pop(0)] for p in prompts])
+
+
+def test_score_answers_counts_every_question_it_reports():
+    scenes, _ = load_split("test")
+    asked = [(i, q, a) for i, s in enumerate(scenes[:20]) for q, a in questions(s)]
+    right = score_answers(asked, [a.upper() + "." for _, _, a in asked])  # case and full stop are forgiven
+    assert right["overall"] == 1.0 and right["without_captions"] == 1.0 and right["n"] == len(asked)
+    assert set(right["by_type"]) == {"caption", "count", "colour", "shape", "place"}
+    assert sum(right["n_by_type"].values()) == len(asked) and right["n_by_type"]["caption"] == 20
+    # captions wrong: the overall drops by exactly their share, the caption-free figure does not move
+    wrong = score_answers(asked, ["nonsense" if QUESTION_KINDS[q] == "caption" else a for _, q, a in asked])
+    assert wrong["by_type"]["caption"] == 0.0 and wrong["without_captions"] == 1.0
+    assert wrong["overall"] == pytest.approx(1 - 20 / len(asked))
+    constant = score_answers(asked, ["red"] * len(asked))  # one colour of five named every time
+    assert constant["by_type"]["caption"] == constant["by_type"]["shape"] == 0.0
+    assert constant["by_type"]["colour"] == pytest.approx(
+        np.mean([a == "red" for _, q, a in asked if QUESTION_KINDS[q] == "colour"]))
+    with pytest.raises(ValueError):
+        score_answers(asked, [])  # a missing answer is an error, not a shorter mean
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes_pipe():
     from mmar.pipeline import MMARPipeline
 
     model, proc = make_tiny(modalities=SHAPES_MODALITIES)
+    return MMARPipeline(model, proc)
+
+
+def test_evaluator_scores_an_oracle_perfectly_and_counts_wrong_captions(tmp_path, tiny_shapes_pipe):
+    import json
+
+    from mmar.eval.shapes import evaluate_shapes
+
     out = tmp_path / "metrics.json"
-    m = evaluate_shapes("tiny", output=str(out), pipeline=MMARPipeline(model, proc), num_prompts=6,
-                        num_qa_scenes=4, guidance_scale=1.0)
-    assert json.loads(out.read_text())["n_generated"] == 6
-    assert m["analyser_on_real_heldout"] == 1.0
-    assert 0 <= m["text_to_image_overall"] <= 1 and 0 <= m["image_to_text_accuracy"] <= 1
-    assert set(m["text_to_image"]) >= {"count", "colour", "shape", "position", "overall"}
+    oracle = _ScriptedPipe(tiny_shapes_pipe)
+    m = evaluate_shapes("tiny", output=str(out), pipeline=oracle, num_prompts=6, num_qa_scenes=4, guidance_scale=1.0)
+    saved = json.loads(out.read_text())
+    assert saved["n_generated"] == 6 and oracle.calls == {"text": saved["n_questions"], "image": 6}
+    assert m["analyser_on_real_heldout"] == 1.0 and m["text_to_image_overall"] == 1.0
+    assert all(m["text_to_image"][k] == 1.0 for k in ("count", "colour", "shape", "overall"))
+    assert m["image_to_text_accuracy"] == 1.0 and m["caption_exact_match"] == 1.0
+    assert sum(m["n_questions_by_type"].values()) == m["n_questions"] and m["n_questions_by_type"]["caption"] == 4
     assert (tmp_path / "metrics_grid.png").is_file()
+    bad = evaluate_shapes("tiny", pipeline=_ScriptedPipe(tiny_shapes_pipe, wrong=("caption",)), num_prompts=2,
+                          num_qa_scenes=4, guidance_scale=1.0)
+    assert bad["caption_exact_match"] == 0.0 and bad["image_to_text_accuracy_without_captions"] == 1.0
+    assert bad["image_to_text_accuracy"] == pytest.approx(1 - 4 / bad["n_questions"])
+
+
+def test_evaluator_runs_on_a_tiny_model(tmp_path, tiny_shapes_pipe):
+    from mmar.eval.shapes import evaluate_shapes
+
+    m = evaluate_shapes("tiny", pipeline=tiny_shapes_pipe, num_prompts=2, num_qa_scenes=2, guidance_scale=1.0)
+    assert m["n_generated"] == 2 and m["n_questions"] == sum(len(questions(s)) for s in load_split("test")[0][:2])
+    assert set(m["text_to_image"]) >= {"count", "colour", "shape", "position", "overall"}
+    assert set(m["image_to_text_by_question"]) <= set(m["n_questions_by_type"])

@@ -7,7 +7,8 @@ the bottom than at the top), its place from the centre of its box. Each prompt i
 colours, shapes and positions; ``overall`` is the share of images that pass every check (GenEval's
 rule). :func:`analyser_accuracy` validates the analyser on the real held-out images.
 
-Image-to-text: greedy answers to every question of every held-out scene, exact match.
+Image-to-text: greedy answers to every question of every held-out scene, exact match; accuracy per
+question type (captions included) and overall over every question asked (:func:`score_answers`).
 """
 
 from __future__ import annotations
@@ -160,6 +161,64 @@ def features(mlp, images: list | np.ndarray) -> np.ndarray:
     return np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)
 
 
+def score_answers(asked: list[tuple[int, str, str]], answers: list[str]) -> dict[str, Any]:
+    """Exact-match scores of ``answers`` to the ``(scene, question, answer)`` triples ``asked``: the accuracy
+    per question type (captions included), the number of questions of each type, and ``overall``, the
+    share right of every question asked (so it counts exactly the questions it reports)."""
+    right: dict[str, list[bool]] = {}
+    for (_, q, a), got in zip(asked, answers, strict=True):
+        right.setdefault(QUESTION_KINDS[q], []).append(normalise(got) == normalise(a))
+    every = [x for v in right.values() for x in v]
+    without = [x for k, v in right.items() if k != "caption" for x in v]
+    return {"overall": float(np.mean(every)) if every else None,
+            "without_captions": float(np.mean(without)) if without else None,
+            "by_type": {k: float(np.mean(v)) for k, v in sorted(right.items())},
+            "n_by_type": {k: len(v) for k, v in sorted(right.items())}, "n": len(every)}
+
+
+def answer_questions(pipe: MMARPipeline, scenes: list[Scene], images: np.ndarray,
+                     num_qa_scenes: int | None = None) -> tuple[list[tuple[int, str, str]], list[str]]:
+    """Every question of the first ``num_qa_scenes`` scenes (all by default) asked of ``pipe`` with the
+    scene's image, greedy: the ``(scene, question, answer)`` triples and the model's answers."""
+    asked = [(i, q, a) for i, s in enumerate(scenes[:num_qa_scenes]) for q, a in questions(s)]
+    answers = []
+    for chunk in _batches(asked):
+        prompts = [[Message("user", [Image(images[i]), q])] for i, q, _ in chunk]
+        answers += pipe(prompts, mode="text", temperature=0.0, max_new_tokens=MAX_ANSWER_TOKENS).text
+    return asked, answers
+
+
+def generate_images(pipe: MMARPipeline, prompts: list[Scene], seed: int, **gen_kw) -> list:
+    """One image per scene's text-to-image prompt, each from its own seeded generator."""
+    generated = []
+    for k, chunk in enumerate(_batches(prompts)):
+        gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
+        out = pipe([t2i_prompt(s) for s in chunk], generator=gens, mode="image", max_items=1, **gen_kw)
+        generated += [imgs[0] for imgs in out.images]
+    return generated
+
+
+def _fd_metrics(generated: list, images: np.ndarray, seed: int) -> dict[str, float]:
+    """Fréchet distance of the generated images to the held-out ones, and of as many training images."""
+    mlp = fit_feature_extractor(seed)
+    real = features(mlp, images)
+    return {"frechet_distance": frechet_distance(features(mlp, generated), real),
+            "frechet_distance_real_train": frechet_distance(
+                features(mlp, load_split("train")[1][: len(generated)]), real)}
+
+
+def _save(metrics: dict[str, Any], output: str | None, grid: str | None, generated: list) -> None:
+    """``metrics`` as JSON to ``output``; the generated images as a grid (next to ``output`` by default)."""
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(metrics, f, indent=2)
+    grid = grid or (os.path.splitext(output)[0] + "_grid.png" if output else None)
+    if grid:
+        image_grid(generated, cols=GRID_COLS, scale=GRID_SCALE).save(grid)
+        metrics["grid"] = grid
+
+
 def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
                     guidance_scale: float | None = None, num_inference_steps: int | None = None, seed: int = 0,
                     image_temperature: float | None = None, num_prompts: int = 120, num_qa_scenes: int | None = None,
@@ -174,51 +233,26 @@ def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None 
     if guidance_scale is None:  # the model's own setting (generation_config.json)
         guidance_scale = pipe.generation_config.guidance_scale
     scenes, images = load_split("test")
-
-    # image -> text: every question of every held-out scene (greedy)
-    asked = [(i, q, a) for i, s in enumerate(scenes[:num_qa_scenes]) for q, a in questions(s)]
-    answers = []
-    for chunk in _batches(asked):
-        prompts = [[Message("user", [Image(images[i]), q])] for i, q, _ in chunk]
-        answers += pipe(prompts, mode="text", temperature=0.0, max_new_tokens=MAX_ANSWER_TOKENS).text
-    right: dict[str, list[bool]] = {}
-    for (_, q, a), got in zip(asked, answers):
-        right.setdefault(QUESTION_KINDS[q], []).append(normalise(got) == normalise(a))
-    qa = {k: float(np.mean(v)) for k, v in sorted(right.items())}
-
-    # text -> image: the captions of the first held-out scenes (CFG), checked by the analyser
-    prompts = list(scenes[:num_prompts])
-    generated = []
-    for k, chunk in enumerate(_batches(prompts)):
-        gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
-        out = pipe([t2i_prompt(s) for s in chunk], generator=gens, mode="image", max_items=1,
-                   guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                   image_temperature=image_temperature)
-        generated += [imgs[0] for imgs in out.images]
+    asked, answers = answer_questions(pipe, scenes, images, num_qa_scenes)  # image -> text (greedy)
+    qa = score_answers(asked, answers)
+    prompts = list(scenes[:num_prompts])  # text -> image: first held-out captions (CFG), read by the analyser
+    generated = generate_images(pipe, prompts, seed, guidance_scale=guidance_scale,
+                                num_inference_steps=num_inference_steps, image_temperature=image_temperature)
     t2i = summarise(prompts, [check(s, im) for s, im in zip(prompts, generated)])
     head = pipe.model.config.modalities["image"].head
-    mlp = fit_feature_extractor(seed)
-    real = features(mlp, images)
-    fd = frechet_distance(features(mlp, generated), real)
-    fd_real = frechet_distance(features(mlp, load_split("train")[1][: len(generated)]), real)
     metrics = {
         "task": "shapes", "model": str(model_dir),
         "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
-        "image_to_text_accuracy": float(np.mean([x for k, v in right.items() if k != "caption" for x in v])),
-        "caption_exact_match": qa.get("caption"), "image_to_text_by_question": qa,
+        # every question asked, captions included; the caption-free figure is named as such
+        "image_to_text_accuracy": qa["overall"], "image_to_text_accuracy_without_captions": qa["without_captions"],
+        "caption_exact_match": qa["by_type"].get("caption"), "image_to_text_by_question": qa["by_type"],
+        "n_questions_by_type": qa["n_by_type"],
         "analyser_on_real_heldout": analyser_accuracy("test")["overall"],
-        "frechet_distance": fd, "frechet_distance_real_train": fd_real,
+        **_fd_metrics(generated, images, seed),
         "n_questions": len(asked), "n_generated": len(generated), "guidance_scale": guidance_scale,
         "head": head["name"], "num_inference_steps": num_inference_steps or head.get("num_inference_steps"),
         "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
     }
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(metrics, f, indent=2)
-    grid = grid or (os.path.splitext(output)[0] + "_grid.png" if output else None)
-    if grid:
-        image_grid(generated, cols=GRID_COLS, scale=GRID_SCALE).save(grid)
-        metrics["grid"] = grid
+    _save(metrics, output, grid, generated)
     return metrics
