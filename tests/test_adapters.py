@@ -156,4 +156,5 @@ def test_cli_generate_and_chat_take_an_adapter_directory(tmp_path, adapters, cap
     assert main(["merge-lora", "--adapter", str(adapters[0]), "--output", str(tmp_path / "merged")]) == 0
     from mmar.app.demo import model_summary
 
-    assert "Model directory" in model_summary(MMARPipeline.from_pretrained(adapters[0]))
+    summary = model_summary(MMARPipeline.from_pretrained(adapters[0]))
+    assert summary.startswith("**Model:** `") and "| backbone |" in summary and "| image head |" in summary
