@@ -80,13 +80,19 @@ def log_mel_distance_db(recon: torch.Tensor, items: torch.Tensor, sampling_rate:
 
 
 def reconstruction(tok, items: torch.Tensor) -> dict[str, float]:
-    """MSE and PSNR (peak = the inputs' value range: 1 for pixels in [0, 1], 2 for audio in [-1, 1]);
-    for audio also the log-mel spectral distance in dB (PSNR says little about how audio sounds)."""
+    """MSE and PSNR. For pixels the peak is their value range (1 for [0, 1]); for audio it is the signal's
+    real range, the peak-to-peak amplitude of the held-out waveforms (``psnr_peak``; not the nominal 2 of
+    [-1, 1], which flatters quiet speech), and the report adds the waveform SNR and the log-mel spectral
+    distance in dB (PSNR says little about how audio sounds)."""
     recon = reconstruct(tok, items)
     mse = float((recon - items).pow(2).mean())
     peak = float(getattr(tok, "value_range", 1.0))
-    report = {"mse": mse, "psnr_db": float(10 * np.log10(peak ** 2 / max(mse, 1e-12)))}
     if tok.modality == Audio.modality:
+        peak = float(items.max() - items.min())
+    report = {"mse": mse, "psnr_db": float(10 * np.log10(peak ** 2 / max(mse, 1e-12))), "psnr_peak": peak}
+    if tok.modality == Audio.modality:
+        snr = float(items.pow(2).mean()) / max(mse, 1e-12)
+        report["waveform_snr_db"] = float(10 * np.log10(max(snr, 1e-12)))
         report["log_mel_distance_db"] = log_mel_distance_db(recon, items, tok.sampling_rate)
     return report
 
