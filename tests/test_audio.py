@@ -251,6 +251,41 @@ def test_spoken_digits_dataset(small_split):
     assert prompt.content[0].text in all_texts() and isinstance(clip.content[0], Audio)
 
 
+class _ScriptedPipe:
+    """A tiny real pipeline whose outputs are scripted: a clip is answered with its digit (digit + 1 for the
+    digits in ``wrong``), and "say seven" gets a real training clip of seven that the judge reads right
+    (of digit + 1 for the digits in ``wrong``)."""
+
+    def __init__(self, pipe, clf, cache_dir, wrong=()):
+        from mmar.datasets.spoken_digits import SAMPLING_RATE, load_split
+
+        self.pipe, self.wrong, self.asked = pipe, set(wrong), []
+        waves, labels, _ = load_split("test", cache_dir)
+        self.label = {np.asarray(w, np.float32).tobytes(): int(y) for w, y in zip(waves, labels)}
+        waves, labels, _ = load_split("train", cache_dir)
+        clips = [Audio(w, SAMPLING_RATE) for w in waves]
+        read = clf.predict(clips)
+        self.clip = {d: clips[int(np.flatnonzero((labels == d) & (read == d))[0])] for d in range(10)}
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def _shift(self, d):
+        return (d + 1) % 10 if d in self.wrong else d
+
+    def __call__(self, prompts, mode, **_):
+        from types import SimpleNamespace
+
+        from mmar.eval.digits import parse_digit
+
+        if mode == "text":
+            labels = [self.label[np.asarray(msg.content[0].waveform, np.float32).tobytes()] for (msg,) in prompts]
+            return SimpleNamespace(text=[str(self._shift(y)) for y in labels])
+        assert mode == "audio"
+        self.asked += prompts
+        return SimpleNamespace(audios=[[self.clip[self._shift(parse_digit(p))]] for p in prompts])
+
+
 @needs_espeak
 def test_classifier_and_evaluator_on_real_clips(small_split, tmp_path):
     import json
@@ -267,10 +302,21 @@ def test_classifier_and_evaluator_on_real_clips(small_split, tmp_path):
     model, proc = make_tiny(modalities=whole_words)
     pipe = MMARPipeline(model, proc)
     out = tmp_path / "m" / "metrics.json"
-    m = evaluate_spoken_digits("tiny", output=str(out), per_digit=1, pipeline=pipe, cache_dir=small_split,
+    oracle = _ScriptedPipe(pipe, clf, small_split)
+    m = evaluate_spoken_digits("tiny", output=str(out), per_digit=2, pipeline=oracle, cache_dir=small_split,
                                guidance_scale=1.0)
-    assert json.loads(out.read_text())["n_generated"] == 10 == m["n_generated"]
-    assert 0 <= m["audio_to_text_accuracy"] <= 1 and 0 <= m["text_to_audio_accuracy"] <= 1
+    assert json.loads(out.read_text())["n_generated"] == 20 == m["n_generated"] == len(oracle.asked)
+    assert m["audio_to_text_accuracy"] == 1.0 and m["text_to_audio_accuracy"] == 1.0
+    assert all(v == 1.0 for v in m["text_to_audio_per_digit"].values())
     assert m["classifier_heldout_accuracy"] >= 0.9 and m["classifier_round_trip_accuracy"] >= 0.8
+    assert m["judge_features"]["n_mels"] != proc.modality_tokenizers["audio"].n_mels  # its own features
     assert (tmp_path / "m" / "metrics_grid.png").is_file()
-    assert len(list((tmp_path / "m" / "metrics_audio").iterdir())) == 10
+    assert len(list((tmp_path / "m" / "metrics_audio").iterdir())) == 20
+    # digit 3 always wrong: each figure drops by exactly digit 3's share
+    bad = evaluate_spoken_digits("tiny", per_digit=2, pipeline=_ScriptedPipe(pipe, clf, small_split, wrong=[3]),
+                                 cache_dir=small_split, guidance_scale=1.0)
+    assert bad["audio_to_text_accuracy"] == pytest.approx(1 - np.mean(labels == 3))
+    assert bad["text_to_audio_accuracy"] == pytest.approx(0.9) and bad["text_to_audio_per_digit"]["3"] == 0.0
+    # the real tiny model runs through the same evaluator (its figures are whatever an untrained model gets)
+    real = evaluate_spoken_digits("tiny", per_digit=1, pipeline=pipe, cache_dir=small_split, guidance_scale=1.0)
+    assert real["n_generated"] == 10 and real["classifier_round_trip_accuracy"] == m["classifier_round_trip_accuracy"]
