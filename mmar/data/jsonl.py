@@ -128,11 +128,12 @@ class ChatDataset(Dataset):
     def __getitem__(self, idx: int) -> list[Message]:
         return record_to_messages(self.data[idx], self.root, where=f"{self.name} record {idx}")
 
-    def texts(self) -> list[str]:
-        """All text, for training a BPE when the model has no tokenizer yet."""
+    def texts(self, indices: list[int] | None = None) -> list[str]:
+        """All text (or that of the records at ``indices``), for training a BPE when the model has no
+        tokenizer yet."""
 
         def records():
-            for i in range(len(self.data)):
+            for i in range(len(self.data)) if indices is None else indices:
                 try:
                     yield self.data[i]
                 except BadRecord:

@@ -58,6 +58,11 @@ class DataArguments:
     """For ``jsonl``: stream the records through HF ``datasets`` instead of indexing them (large sets)."""
     shuffle_buffer: int = 1000
     """With ``streaming``: records in the shuffle buffer (order a function of seed and epoch)."""
+    eval_data_files: str | None = None
+    """Held-out chat records (a JSONL like ``data_files``) for the evaluation every ``eval_steps``."""
+    eval_split: float = 0.0
+    """Hold out this fraction of the training data (e.g. 0.1; a fixed slice drawn with ``seed``) for the
+    evaluation, and do not train on it. Not with ``streaming`` or ``eval_data_files``."""
     packing: bool = False
     """Pack samples into rows of ``max_length`` tokens (block-diagonal attention) instead of padding."""
     max_length: int = 256
@@ -90,6 +95,18 @@ class TrainingArguments:
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2
+    eval_steps: int = 0
+    """With held-out data: the eval loss every N steps and at the end (0: every ``logging_steps``)."""
+    eval_batch_size: int = 0
+    """Rows per eval batch and process (0: ``batch_size``)."""
+    eval_generate: int = 0
+    """At each eval, greedy answers to the first N held-out samples with text answers: exact-match and
+    contains accuracy in the log (mmar/eval/jsonl.py's scoring)."""
+    load_best_model_at_end: bool = False
+    """Save the weights of the eval with the lowest eval loss as the final model (kept in
+    ``output_dir/best`` during the run)."""
+    early_stopping_patience: int = 0
+    """Stop when this many evals in a row did not lower the eval loss (0: never)."""
     sample_steps: int = 0
     """Write a sample grid every N steps (0: only at the end)."""
     resume_from_checkpoint: str | None = None

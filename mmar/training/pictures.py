@@ -11,6 +11,8 @@ from PIL import Image
 
 
 def plot_loss_curve(log_path: str, out_path: str) -> None:
+    """The losses of ``log.jsonl`` against the step: training rows as solid lines, held-out eval rows
+    (``eval_*_loss``) dashed in the same colour, the best eval step as a dotted vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,12 +22,23 @@ def plot_loss_curve(log_path: str, out_path: str) -> None:
         return
     with open(log_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if not train and not evals:
         return
-    keys = [k for k in rows[0] if k.endswith("loss")]
+    names = [k for r in train for k in r] + [k[5:] for r in evals for k in r if k.startswith("eval_")]
+    keys = list(dict.fromkeys(k for k in names if k.endswith("loss")))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], label=k)
+    for i, k in enumerate(keys):
+        color = f"C{i}"
+        pts = [(r["step"], r[k]) for r in train if r.get(k) is not None]
+        if pts:
+            ax.plot(*zip(*pts), color=color, label=k)
+        pts = [(r["step"], r["eval_" + k]) for r in evals if r.get("eval_" + k) is not None]
+        if pts:
+            ax.plot(*zip(*pts), color=color, linestyle="--", marker=".", label="eval_" + k)
+    if evals and evals[-1].get("best_step") is not None:
+        ax.axvline(evals[-1]["best_step"], color="grey", linestyle=":", label="best eval")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -33,6 +33,7 @@ from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .checkpoints import (  # noqa: F401 - CHECKPOINTS, checkpoint_dirs stay importable from here
     CHECKPOINTS, checkpoint_dirs, read_trainer_state, resolve_checkpoint, save_checkpoint)
 from .data import Collator, SafeDataset, build_dataset
+from .evaluation import check_eval_arguments, finish_eval, held_out_data, make_evaluator, run_eval
 from .pictures import plot_loss_curve, preview_grid
 
 def build_text_tokenizer(margs: ModelArguments, dataset):
@@ -133,6 +134,8 @@ class Run:
     grad_norm: Any = None
     start: float = field(default_factory=time.time)
     bar: Any = None
+    postfix: dict = field(default_factory=dict)  # the progress bar's: train and eval losses
+    evaluator: Any = None  # held-out evaluation (mmar.training.evaluation), None without held-out data
 
 
 def make_accelerator(targs: TrainingArguments) -> Accelerator:
@@ -222,6 +225,7 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     acc = make_accelerator(targs)
     set_seed(targs.seed)
     dataset, stream = make_data(dargs, targs)
+    dataset, held_out = held_out_data(dataset, dargs, targs)  # an eval_split is left out of training
     model, processor = build_everything(margs, dataset)
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
@@ -250,10 +254,11 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         acc.register_for_checkpointing(ema)
     os.makedirs(targs.output_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {'streamed' if stream else len(dataset)} samples, "
-              f"{targs.max_steps} steps")
+    acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {'streamed' if stream else len(dataset)} samples"
+              f"{'' if held_out is None else f' (+ {len(held_out)} held out)'}, {targs.max_steps} steps")
     return Run(acc, model, processor, dataset, collator, loader, opt, sched, ema=ema, stream=stream,
-               log_path=os.path.join(targs.output_dir, "log.jsonl"))
+               log_path=os.path.join(targs.output_dir, "log.jsonl"),
+               evaluator=make_evaluator(held_out, processor, targs))
 
 
 def resume(run: Run, targs: TrainingArguments) -> None:
@@ -264,6 +269,8 @@ def resume(run: Run, targs: TrainingArguments) -> None:
         run.acc.load_state(ckpt)
         state = read_trainer_state(ckpt)
         run.step, run.stream_epoch, run.stream_batches = state["step"], state.get("epoch", 0), state.get("batches", 0)
+        if run.evaluator is not None:
+            run.evaluator.load_state(state)  # the best eval so far, the evals without improvement
         run.acc.print(f"mmar: resumed from {ckpt} at step {run.step}")
     elif run.acc.is_main_process and os.path.exists(run.log_path):
         os.remove(run.log_path)
@@ -305,7 +312,8 @@ def log_step(run: Run, out, targs: TrainingArguments) -> None:
            "lr": run.sched.get_last_lr()[0],
            "grad_norm": None if run.grad_norm is None else float(run.grad_norm),  # DeepSpeed may not say
            "elapsed_s": round(elapsed, 2), "tokens_per_s": round(run.tokens / elapsed)}
-    run.bar.set_postfix(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
+    run.postfix.update(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
+    run.bar.set_postfix(run.postfix)
     if run.acc.is_main_process:
         with open(run.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -322,9 +330,14 @@ def after_step(run: Run, out, targs: TrainingArguments, epoch: int, read: int) -
     run.bar.update(1)
     if step % targs.logging_steps == 0 or step == targs.max_steps:
         log_step(run, out, targs)
+    if run.evaluator is not None:
+        run.evaluator.observe(out.loss)
+        if run.evaluator.due(step):
+            run_eval(run, targs, whole=not sharded(acc))
     if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
+        position = {"epoch": epoch, "batches": read} if run.stream else {}
         save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit,
-                        {"epoch": epoch, "batches": read} if run.stream else None)
+                        {**position, **(run.evaluator.state() if run.evaluator else {})} or None)
         if acc.is_main_process:
             plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
     if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process and not sharded(acc):
@@ -366,14 +379,19 @@ def run_epoch(run: Run, dargs: DataArguments, targs: TrainingArguments) -> None:
         if not run.acc.sync_gradients:
             continue
         after_step(run, out, targs, epoch, read)
-        if run.step >= targs.max_steps:
+        if done(run, targs):
             break
-    if run.stream and run.step < targs.max_steps:
+    if run.stream and not done(run, targs):
         if read == 0:
             raise ValueError(f"{dargs.data_files}: the stream gave no full batch of {targs.batch_size} in epoch "
                              f"{epoch}; it has fewer records than the batch size")
         run.stream_epoch, run.stream_batches = epoch + 1, 0
     report_skipped(run, epoch)
+
+
+def done(run: Run, targs: TrainingArguments) -> bool:
+    """``max_steps`` reached, or early stopping says so."""
+    return run.step >= targs.max_steps or (run.evaluator is not None and run.evaluator.stop)
 
 
 def report_skipped(run: Run, epoch: int) -> None:
@@ -398,6 +416,8 @@ def finish(run: Run, targs: TrainingArguments) -> None:
     if acc.is_main_process:
         final = acc.unwrap_model(run.model) if run.ema is None else run.ema.module
         final.save_pretrained(targs.output_dir, state_dict=state)
+        if finish_eval(run, targs):  # --load_best_model_at_end: the best eval's weights replace these
+            final = reload_final(targs.output_dir)
         run.processor.save_pretrained(targs.output_dir)
         GenerationDefaults.for_model(final.config, **targs.generation).save_pretrained(targs.output_dir)
         plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
@@ -428,13 +448,14 @@ def train(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     from ..pipeline import GenerationDefaults
 
     GenerationDefaults.for_model(None, **targs.generation)  # a typo in `generation` fails now, not after training
+    check_eval_arguments(dargs, targs)
     run = setup(margs, dargs, targs)
     resume(run, targs)
     run.bar = tqdm(total=targs.max_steps, initial=run.step, desc="training",
                    disable=not (targs.progress and run.acc.is_main_process))
     run.start = time.time()
     run.model.train()
-    while run.step < targs.max_steps:
+    while not done(run, targs):
         run_epoch(run, dargs, targs)
     finish(run, targs)
     return targs.output_dir
