@@ -44,6 +44,19 @@ def test_conditioning_and_cfg():
 
     assert torch.allclose(draw(uncond=uncond, guidance_scale=1.0), draw(), atol=1e-6)
     assert not torch.allclose(draw(uncond=uncond, guidance_scale=4.0), draw(), atol=1e-3)
+    # one denoising step makes the sample affine in the network's output, so the guided sample is the
+    # guidance formula u + s (c - u) of the conditional and the unconditional samples drawn from the same noise
+    for prediction_type in ("v_prediction", "epsilon"):
+        torch.manual_seed(1)
+        head = DiffusionHead(token_dim=2, cond_dim=3, width=64, depth=2, num_inference_steps=1,
+                             prediction_type=prediction_type)
+        for p in head.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        c, u = draw(), head.sample(uncond, generator=torch.Generator().manual_seed(3))  # draw() uses this head
+        assert not torch.allclose(c, u, atol=1e-3)
+        for scale in (0.0, 2.5, 4.0):
+            torch.testing.assert_close(draw(uncond=uncond, guidance_scale=scale), u + scale * (c - u),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_per_row_generators_make_rows_independent():
