@@ -85,14 +85,30 @@ def test_flags_override_yaml(tmp_path):
 
 
 def test_condition_dropout_empties_generation_prompts(tiny):
+    """Exactly the samples whose (seed, epoch, index) draw is under the rate lose their prompt: the dropped
+    rows are the expected ones (not merely about half), a lower rate drops a subset of them, another epoch
+    or seed other rows."""
+    import random
+
     _, proc = tiny
     ds = build_dataset("digits")
-    t2i = [ds[i] for i in range(len(ds)) if ds.index[i][0] == "t2i"][:200]
-    torch.manual_seed(0)
-    batch = Collator(proc, cond_dropout_prob=0.5)(t2i)
+    t2i = [(i, ds[i]) for i in range(len(ds)) if ds.index[i][0] == "t2i"][:200]
     start = proc.token_ids["image"]["start"]
-    dropped = int((batch["input_ids"][:, 1] == start).sum())
-    assert 60 < dropped < 140
+
+    def dropped(p, seed=0, epoch=0):
+        collate = Collator(proc, cond_dropout_prob=p, seed=seed)
+        collate.epoch = epoch
+        return {i for (i, _), row in zip(t2i, collate(t2i)["input_ids"]) if row[1] == start}
+
+    def expected(p, seed=0, epoch=0):
+        return {i for i, _ in t2i if random.Random(f"mmar-dropout-{seed}-{epoch}-{i}").random() < p}
+
+    half = dropped(0.5)
+    assert half == expected(0.5) and 72 <= len(half) <= 128  # Binomial(200, 0.5): P(outside) < 1e-4
+    assert dropped(0.1) == expected(0.1) and dropped(0.1) < half
+    assert dropped(0.5, epoch=1) == expected(0.5, epoch=1) != half
+    assert dropped(0.5, seed=1) == expected(0.5, seed=1) != half
+    assert dropped(0.0) == set() and dropped(1.0) == {i for i, _ in t2i}
     i2t = [ds[i] for i in range(len(ds)) if ds.index[i][0] == "i2t"][:50]
     kept = Collator(proc, cond_dropout_prob=1.0)(i2t)  # understanding samples keep their question
     assert torch.equal(kept["input_ids"], proc(i2t)["input_ids"])
