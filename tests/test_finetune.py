@@ -27,6 +27,18 @@ def _outputs(model, batch):
         return h, model.lm_head(h) if hasattr(model, "lm_head") else None
 
 
+def _head_outputs(model, h):
+    """The image head's velocity / noise prediction and a 3-step sample for the hidden states ``h`` (fixed
+    noise, fixed timesteps): what the model's diffusion head makes of them."""
+    head = model.heads["image"]
+    cond = h.reshape(-1, h.shape[-1])[:16]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(cond), head.token_dim, generator=g)
+    t = torch.randint(0, 1000, (len(cond),), generator=g)
+    with torch.no_grad():
+        return head.net(x, t, cond), head.sample(cond, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+
+
 def test_lora_on_a_saved_llama_backbone_reloads_and_merges(tmp_path, tiny):
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,15 +70,23 @@ def test_lora_on_a_saved_llama_backbone_reloads_and_merges(tmp_path, tiny):
     proc.save_pretrained(tmp_path / "adapter")
 
     reloaded = PeftModel.from_pretrained(MMARModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
-    h, _ = _outputs(peft_model, batch)
-    h2, _ = _outputs(reloaded, batch)
-    assert torch.equal(h, h2)
-    base_h, _ = _outputs(MMARModel.from_pretrained(tmp_path / "base").eval(), batch)
+    # hidden states, the LM head's logits and the image head's outputs (on the same hidden states)
+    h, logits = _outputs(peft_model, batch)
+    head_out = _head_outputs(peft_model, h)
+    h2, logits2 = _outputs(reloaded, batch)
+    assert torch.equal(h, h2) and torch.equal(logits, logits2)
+    assert all(torch.equal(a, b) for a, b in zip(head_out, _head_outputs(reloaded, h)))
+    base = MMARModel.from_pretrained(tmp_path / "base").eval()
+    base_h, base_logits = _outputs(base, batch)
     assert not torch.allclose(h, base_h, atol=1e-3)  # the adapter changed something
+    assert not torch.allclose(logits, base_logits, atol=1e-3)
+    assert not any(torch.allclose(a, b, atol=1e-4) for a, b in zip(head_out, _head_outputs(base, h)))  # head trained
     assert main(["merge-lora", "--adapter", str(tmp_path / "adapter"), "--output", str(tmp_path / "merged")]) == 0
     merged = MMARModel.from_pretrained(tmp_path / "merged").eval()
-    h3, _ = _outputs(merged, batch)
-    assert torch.allclose(h, h3, atol=1e-5)
+    h3, logits3 = _outputs(merged, batch)
+    assert torch.allclose(h, h3, atol=1e-5) and torch.allclose(logits, logits3, atol=1e-4)
+    for a, b in zip(head_out, _head_outputs(merged, h)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert MMARProcessor.from_pretrained(tmp_path / "merged").token_ids == proc.token_ids
 
 
