@@ -241,14 +241,34 @@ def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):
 
 
 def test_ema_is_saved_as_the_final_model(tmp_path, tiny_dir, chat_jsonl):
-    out = tmp_path / "ema"
-    assert main(["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(chat_jsonl),
-                 "--max_steps", "4", "--batch_size", "8", "--ema_decay", "0.5", "--save_steps", "2",
-                 "--output_dir", str(out), "--progress", "false"]) == 0
-    assert main(["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(chat_jsonl),
-                 "--max_steps", "6", "--batch_size", "8", "--ema_decay", "0.5", "--save_steps", "2",
-                 "--output_dir", str(out), "--progress", "false", "--resume_from_checkpoint", "latest"]) == 0
-    assert MMARModel.from_pretrained(out) is not None
+    """--ema_decay 0.5 over 3 steps: the saved model is the decayed average of the raw weights after each
+    step, computed by hand (the first update copies: 0.25 w1 + 0.25 w2 + 0.5 w3); the raw weights are read
+    from the step-1 and step-2 checkpoints and from the same run without EMA (EMA does not touch training).
+    A run resumed from the step-2 checkpoint saves the same EMA (it is restored, not restarted)."""
+    from safetensors.torch import load_file
+
+    def train(out, *extra):
+        assert main(["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(chat_jsonl),
+                     "--max_steps", "3", "--batch_size", "8", "--output_dir", str(out), "--progress", "false",
+                     *extra]) == 0
+        return load_file(out / "model.safetensors")
+
+    ema = train(tmp_path / "ema", "--ema_decay", "0.5", "--save_steps", "1")
+    w1, w2 = (load_file(tmp_path / "ema" / "checkpoints" / f"step_{k}" / "model.safetensors") for k in (1, 2))
+    w3 = train(tmp_path / "raw", "--save_steps", "0")
+    assert set(ema) == set(w3)
+    moved = 0
+    for k, v in ema.items():
+        torch.testing.assert_close(v, 0.25 * w1[k] + 0.25 * w2[k] + 0.5 * w3[k], rtol=1e-5, atol=1e-6, msg=k)
+        moved += not torch.allclose(w1[k], w3[k])
+    assert moved > len(ema) // 2  # the weights did move, so the average is not trivially any one of them
+    assert any(not torch.allclose(ema[k], w3[k], atol=1e-5) for k in ema)  # and the EMA is not the raw model
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ema" / "checkpoints" / "step_2", resumed / "checkpoints" / "step_2")
+    again = train(resumed, "--ema_decay", "0.5", "--save_steps", "1", "--resume_from_checkpoint", "latest")
+    for k, v in ema.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert MMARModel.from_pretrained(tmp_path / "ema") is not None
 
 
 def test_streamed_jsonl_trains_and_resumes_mid_epoch(tmp_path, tiny_dir, chat_jsonl):
