@@ -59,8 +59,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from ..eval import evaluate
 
-    sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts", "data_files", "max_samples")
-             if getattr(ns, k) is not None}
+    sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts", "num_qa_scenes", "num_edits", "data_files",
+                                         "max_samples") if getattr(ns, k) is not None}
     metrics = evaluate(ns.task, ns.model, output=ns.output, grid=ns.grid, guidance_scale=ns.guidance_scale,
                        image_temperature=ns.image_temperature, num_inference_steps=ns.num_inference_steps,
                        seed=ns.seed, **sizes)
@@ -296,7 +296,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--num_inference_steps", type=int, default=None)
     p.add_argument("--per_digit", type=int, default=None,
                    help="digits, spoken-digits: generated items per digit (default 10)")
-    p.add_argument("--num_prompts", type=int, default=None, help="shapes: generated images (default 120)")
+    p.add_argument("--num_prompts", type=int, default=None,
+                   help="shapes, scenes: generated images (default 120; scenes: spread over the six categories)")
+    p.add_argument("--num_qa_scenes", type=int, default=None,
+                   help="shapes, scenes: held-out scenes whose questions are asked (default: shapes all, scenes 100)")
+    p.add_argument("--num_edits", type=int, default=None, help="scenes: held-out editing requests (default 60)")
     p.add_argument("--data_files", default=None,
                    help="jsonl: your held-out chat records (the last assistant message is the reference)")
     p.add_argument("--max_samples", type=int, default=None, help="jsonl: evaluate the first N records only")

@@ -1,6 +1,6 @@
 """Data: one dataset / task registry (training, tokenizer training and eval read it), the JSONL and
 streaming chat records, the collator, and the built-in datasets that need no download (digits, shapes,
-spoken digits)."""
+scenes, spoken digits)."""
 
 from .builtin import DIGIT_WORDS, DigitsDataset, digit_images, load_digit_split
 from .registry import Collator, SafeDataset, build_dataset, register_dataset

@@ -52,6 +52,14 @@ def _shapes(split: str, seed: int = 0, **_) -> Dataset:
     return ShapesDataset(split=split, seed=seed)
 
 
+@register_dataset("scenes")
+def _scenes(split: str, seed: int = 0, **_) -> Dataset:
+    """32x32 scenes of one to four objects: GenEval-style text-to-image, visual QA and editing samples."""
+    from .scenes import ScenesDataset
+
+    return ScenesDataset(split=split, seed=seed)
+
+
 @register_dataset("jsonl")
 def _jsonl(split: str, data_files: str | list[str] | None = None, streaming: bool = False, seed: int = 0,
            shuffle_buffer: int = 1000, **_) -> Dataset:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("digits", "digits-sizes", "spoken-digits", "shapes", "jsonl", "chat")
+TASKS = ("digits", "digits-sizes", "spoken-digits", "shapes", "scenes", "jsonl", "chat")
 
 
 def evaluate(task: str, model_dir: str, **kwargs) -> dict[str, Any]:
@@ -24,6 +24,10 @@ def evaluate(task: str, model_dir: str, **kwargs) -> dict[str, Any]:
         from .shapes import evaluate_shapes
 
         return evaluate_shapes(model_dir, **kwargs)
+    if task == "scenes":
+        from .scenes import evaluate_scenes
+
+        return evaluate_scenes(model_dir, **kwargs)
     if task in ("jsonl", "chat"):
         from .jsonl import evaluate_jsonl
 

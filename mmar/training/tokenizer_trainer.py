@@ -24,7 +24,7 @@ from ..types import Audio, Item, parse_part
 
 DEFAULTS = {"output_dir": "runs/tokenizer", "dataset": "digits", "steps": 300, "batch_size": 512, "seed": 0,
             "fit": {}}
-DATASETS = ("digits", "shapes", "spoken-digits")
+DATASETS = ("digits", "shapes", "scenes", "spoken-digits")
 
 
 def raw_items(name: str, split: str) -> list:
@@ -37,6 +37,10 @@ def raw_items(name: str, split: str) -> list:
         from ..datasets.shapes import load_split
 
         return list(load_split(split)[1])
+    if name == "scenes":
+        from ..data.scenes import load_split as load_scenes
+
+        return list(load_scenes(split)[1])
     if name == "spoken-digits":
         from ..datasets.spoken_digits import SAMPLING_RATE, load_split
 
