@@ -1,4 +1,4 @@
-"""``mmar`` command line: train, eval, generate, chat, demo, env."""
+"""``mmar`` command line: train, eval, generate, chat, demo, distill-head, env."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   mmar train --config configs/digits.yaml --max_steps 200 --output_dir runs/quick
   mmar train --config configs/finetune-lora.yaml --data_files my_chats.jsonl
   mmar merge-lora --adapter runs/lora --output runs/merged
+  mmar distill-head --model runs/digits --output runs/digits-fast
   mmar eval --model runs/digits --task digits --output metrics.json
   mmar eval --model runs/lora --task jsonl --data_files held_out.jsonl
   mmar generate --model runs/digits --prompt "draw the digit seven" --mode image --output out/
@@ -135,6 +136,19 @@ def cmd_merge_lora(ns: argparse.Namespace) -> int:
     from ..training.lora import merge_lora
 
     print(f"merged model written to {merge_lora(ns.adapter, ns.output, ns.base)}")
+    return 0
+
+
+def cmd_distill_head(ns: argparse.Namespace) -> int:
+    from ..training.distill import DistillArguments, distill
+
+    options = {k: getattr(ns, k) for k in ("steps", "teacher_steps", "guidance_scales", "pairs", "max_steps",
+                                            "batch_size", "learning_rate", "modality", "dataset", "data_files",
+                                            "max_samples", "seed", "num_threads", "progress")}
+    summary = distill(DistillArguments(model=ns.model, output=ns.output, **options))
+    print(f"mmar: distilled {summary['modality']} head ({summary['teacher']['name']}, {ns.teacher_steps} steps) "
+          f"into a {ns.steps}-step head: held-out loss {summary['val_loss_before']:.4g} -> "
+          f"{summary['val_loss_after']:.4g}; model saved to {ns.output}")
     return 0
 
 
@@ -392,6 +406,35 @@ def _add_merge_lora(sub) -> None:
     p.set_defaults(func=cmd_merge_lora)
 
 
+def _add_distill_head(sub) -> None:
+    """The ``distill-head`` subcommand's arguments."""
+    p = sub.add_parser("distill-head", help="distil a model's diffusion / flow head into a 1-2-step head",
+                       epilog="examples:\n  mmar distill-head --model runs/digits --output runs/digits-fast\n"
+                              "  mmar distill-head --model runs/digits --output runs/digits-2step --steps 2\n\n"
+                              "The backbone is frozen; the method: mmar/heads/fewstep.py.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="trained model directory (the teacher)")
+    p.add_argument("--output", required=True, help="where to write the model with the few-step head")
+    p.add_argument("--steps", type=_count(1), default=1, help="the student's sampling steps (default 1)")
+    p.add_argument("--teacher_steps", type=_count(1), default=50, help="the teacher's sampling steps (default 50)")
+    p.add_argument("--guidance_scales", type=float, nargs="+", default=None, metavar="W",
+                   help="CFG scales to distil (default: 1 and the model's default scale)")
+    p.add_argument("--pairs", type=_count(1), default=16384,
+                   help="teacher samples per guidance scale (each: a condition and fresh noise)")
+    p.add_argument("--max_steps", type=_count(1), default=1500)
+    p.add_argument("--batch_size", type=_count(1), default=512)
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--modality", default=None, help="the head to distil (default: the model's only diffusion/flow head)")
+    p.add_argument("--dataset", default="digits", help="the training data the conditions come from")
+    p.add_argument("--data_files", nargs="+", default=None, help="for --dataset jsonl: the JSONL files")
+    p.add_argument("--max_samples", type=_count(1), default=None,
+                   help="use the first N generation samples of the data (default: all)")
+    p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--num_threads", type=_count(0), default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--progress", type=_bool, default=True, metavar="BOOL", help="show a progress bar")
+    p.set_defaults(func=cmd_distill_head)
+
+
 def _add_env(sub) -> None:
     """The ``env`` subcommand's arguments."""
     p = sub.add_parser("env", help="print versions, devices and which attention kernels run",
@@ -407,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_eval, _add_generate, _add_chat, _add_demo, _add_train_tokenizer, _add_merge_lora,
-                _add_env):
+                _add_distill_head, _add_env):
         add(sub)
     return parser
 

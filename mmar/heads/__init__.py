@@ -3,7 +3,8 @@
 from .base import Head, available_heads, build_head, register_head
 from .codebook import CodebookHead
 from .diffusion import DiffusionHead, SimpleMLPAdaLN
+from .fewstep import FewStepHead
 from .flow import FlowHead
 
-__all__ = ["Head", "CodebookHead", "DiffusionHead", "FlowHead", "SimpleMLPAdaLN", "available_heads", "build_head",
+__all__ = ["Head", "CodebookHead", "DiffusionHead", "FewStepHead", "FlowHead", "SimpleMLPAdaLN", "available_heads", "build_head",
            "register_head"]

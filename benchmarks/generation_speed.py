@@ -1,0 +1,210 @@
+"""Images per second end to end through the pipeline, beside the quality of those images (digits).
+
+For each setting: images/s at batch 1 and at batch 32 (CFG on, ``--guidance_scale``), the digits judge's
+text-to-image accuracy and the Fréchet distance (``mmar.eval.digits``) of ``--per_digit`` x 10 images drawn
+at batch 32 (same prompts and seeds for every setting), beside the FD noise band: the spread of FD over
+random subsets of real training digits of the same size. Settings: the diffusion model's default (DDIM 50),
+DDIM 10, the few-step head (``mmar distill-head``: 1 and, for a 2-step student, 2 evaluations), flow Euler 8
+when a flow model is given, and with ``--compile`` the compiled static-cache sampler. Each timing is the best
+of ``--repeat`` runs, the settings taken in turn (a shared machine: ratios within one run are what counts).
+
+    python benchmarks/generation_speed.py --model runs/digits --fast runs/digits-fast [--flow runs/digits-flow]
+
+Where ``--fast`` does not exist yet it is distilled first (``mmar distill-head`` with its defaults, timed).
+Writes the section "generation-speed" of BENCHMARKS.md and the headline block of README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import ROOT, machine, update_section  # noqa: E402
+
+BATCH = 32
+
+
+def draw(pipe, digits: list[int], batch: int, guidance: float, steps: int | None, **extra) -> tuple[list, float]:
+    """Images for ``digits`` (seed = index) in batches of ``batch``, and the seconds the pipeline took."""
+    from mmar.datasets.digits import t2i_prompt
+
+    images, secs = [], 0.0
+    for k in range(0, len(digits), batch):
+        chunk = digits[k:k + batch]
+        gens = [torch.Generator().manual_seed(k + i) for i in range(len(chunk))]
+        start = time.perf_counter()
+        out = pipe([t2i_prompt(d, k + i) for i, d in enumerate(chunk)], mode="image", guidance_scale=guidance,
+                   num_inference_steps=steps, generator=gens, max_items=1, **extra)
+        secs += time.perf_counter() - start
+        images += [imgs[0] for imgs in out.images]
+    return images, secs
+
+
+def load(path: str):
+    from mmar.pipeline import MMARPipeline
+
+    pipe = MMARPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def ensure_fast(model: str, fast: str, threads: int) -> float | None:
+    """Distil ``fast`` from ``model`` with the CLI's defaults where it does not exist; the seconds taken."""
+    if os.path.isdir(fast):
+        return None
+    from mmar.cli import main as cli
+
+    start = time.perf_counter()
+    if cli(["distill-head", "--model", model, "--output", fast, "--num_threads", str(threads), "--progress", "false"]):
+        raise SystemExit(f"distilling {model} into {fast} failed")
+    return time.perf_counter() - start
+
+
+def settings(args) -> list[tuple[str, str, int | None, dict]]:
+    """(label, model directory, steps, extra pipeline arguments) of every row, the default first."""
+    import json
+
+    rows = [("diffusion, DDIM 50 (default)", args.model, 50, {}), ("diffusion, DDIM 10", args.model, 10, {})]
+    student = json.load(open(os.path.join(args.fast, "config.json")))["modalities"]["image"]["head"]
+    rows += [(f"few-step head, {k} step{'s' if k > 1 else ''}", args.fast, k, {})
+             for k in range(1, student["steps"] + 1)]
+    if args.flow:
+        rows.append(("flow, Euler 8", args.flow, 8, {}))
+    if args.compile:
+        rows.append(("few-step head, 1 step, compiled static-cache sampler", args.fast, 1,
+                     {"cache_implementation": "static", "compile": True}))
+    return rows
+
+
+def measure(args, rows, digits, clf, mlp, real) -> dict:
+    """Per row: quality of the batch-32 images, best batch-32 and batch-1 seconds over the repeats."""
+    from mmar.eval.digits import classify, features, frechet_distance
+
+    pipes, results = {}, {}
+    for rep in range(args.repeat):
+        for label, path, steps, extra in rows:
+            pipe = pipes.setdefault(path, load(path))
+            images, secs = draw(pipe, digits, BATCH, args.guidance_scale, steps, **extra)
+            _, secs1 = draw(pipe, digits[:args.single], 1, args.guidance_scale, steps, **extra)
+            r = results.setdefault(label, {"steps": steps, "b32": secs, "b1": secs1})
+            if rep == 0:
+                r["acc"] = float(np.mean(classify(clf, images) == np.array(digits)))
+                r["fd"] = frechet_distance(features(mlp, images), real)
+            r["b32"], r["b1"] = min(r["b32"], secs), min(r["b1"], secs1)
+            print(label, {k: round(v, 4) for k, v in r.items()}, flush=True)
+    return results
+
+
+def fd_band(mlp, real, n: int, draws: int = 8) -> tuple[float, float]:
+    """Mean and spread of FD between random ``n``-image subsets of real training digits and the held-out ones."""
+    from mmar.datasets.digits import load_digit_split
+    from mmar.eval.digits import features, frechet_distance
+
+    xtr = load_digit_split("train")[0]
+    rng = np.random.default_rng(0)
+    fds = [frechet_distance(features(mlp, xtr[rng.choice(len(xtr), n, replace=False)]), real) for _ in range(draws)]
+    return float(np.mean(fds)), float(np.std(fds))
+
+
+def table(results: dict, n: int, single: int, noise: float) -> tuple[list[str], dict]:
+    """The markdown rows, and the few-step verdict against the default."""
+    base = results["diffusion, DDIM 50 (default)"]
+    lines = [f"| setting | images/s, batch 1 | images/s, batch {BATCH} | speed-up vs DDIM 50 (batch 1 / {BATCH}) | "
+             "text-to-image acc. | FD | equal quality? |", "|---|---|---|---|---|---|---|"]
+    verdict = {}
+    for label, r in results.items():
+        equal = r["acc"] >= base["acc"] - 0.01 and abs(r["fd"] - base["fd"]) <= 2 * noise
+        s1, s32 = base["b1"] / r["b1"], base["b32"] / r["b32"]
+        lines.append(f"| {label} | {single / r['b1']:.2f} | {n / r['b32']:.1f} | {s1:.1f}x / {s32:.1f}x | "
+                     f"{r['acc']:.1%} | {r['fd']:.2f} | {'yes' if equal else 'no'} |")
+        if label.startswith("few-step") and "compiled" not in label:
+            verdict[label] = (equal, s1, s32, r)
+    return lines, verdict
+
+
+def headline(verdict: dict, base: dict, noise: float) -> str:
+    """The README sentence: the best equal-quality few-step setting against the 5x target, or the shortfall."""
+    equal = {k: v for k, v in verdict.items() if v[0]}
+    if equal:
+        label, (_, s1, s32, r) = max(equal.items(), key=lambda kv: kv[1][2])
+        met = "meets" if min(s1, s32) >= 5 else "is short of"
+        return (f"The {label} draws digits {s1:.1f}x (batch 1) and {s32:.1f}x (batch {BATCH}) as fast as the default "
+                f"DDIM 50 at equal quality (accuracy {r['acc']:.1%} vs {base['acc']:.1%}, FD {r['fd']:.2f} vs "
+                f"{base['fd']:.2f}, noise band +-{2 * noise:.2f}); it {met} the 5x target.")
+    label, (_, s1, s32, r) = max(verdict.items(), key=lambda kv: kv[1][2])
+    return (f"The {label} is {s1:.1f}x (batch 1) / {s32:.1f}x (batch {BATCH}) as fast as DDIM 50 but not at equal "
+            f"quality (accuracy {r['acc']:.1%} vs {base['acc']:.1%}, FD {r['fd']:.2f} vs {base['fd']:.2f}, noise "
+            f"band +-{2 * noise:.2f}): the 5x target at equal quality is not met.")
+
+
+def update_readme(text: str) -> None:
+    """Rewrite README.md's generation-speed block (left alone where README has none)."""
+    path = os.path.join(ROOT, "README.md")
+    readme = open(path).read()
+    pattern = re.compile(r"<!-- generation-speed:start -->.*?<!-- generation-speed:end -->", re.S)
+    if not pattern.search(readme):
+        print("README.md has no generation-speed block; headline not written")
+        return
+    readme = pattern.sub(lambda _: f"<!-- generation-speed:start -->\n{text}\n<!-- generation-speed:end -->", readme)
+    with open(path + ".tmp", "w") as f:
+        f.write(readme)
+    os.replace(path + ".tmp", path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="runs/digits", help="diffusion-head model (the default DDIM 50)")
+    ap.add_argument("--fast", default="runs/digits-fast", help="its distilled few-step model (made if missing)")
+    ap.add_argument("--flow", default=None, help="a flow-head model of the same recipe, if at hand")
+    ap.add_argument("--compile", action="store_true", help="also the compiled static-cache sampler (slow to compile)")
+    ap.add_argument("--per_digit", type=int, default=10)
+    ap.add_argument("--single", type=int, default=10, help="images drawn one at a time for the batch-1 rate")
+    ap.add_argument("--guidance_scale", type=float, default=3.0)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no_write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from mmar.datasets.digits import load_digit_split
+    from mmar.eval.digits import features, fit_classifier, fit_feature_extractor
+
+    distil_secs = ensure_fast(args.model, args.fast, args.threads)
+    clf, svc = fit_classifier()
+    mlp = fit_feature_extractor()
+    real = features(mlp, load_digit_split("test")[0])
+    digits = [d for d in range(10) for _ in range(args.per_digit)]
+    fd_mean, noise = fd_band(mlp, real, len(digits))
+    results = measure(args, settings(args), digits, clf, mlp, real)
+    lines, verdict = table(results, len(digits), args.single, noise)
+    base = results["diffusion, DDIM 50 (default)"]
+    head = headline(verdict, base, noise)
+    made = f" (distilled in this run: {distil_secs / 60:.1f} min)" if distil_secs else ""
+    body = "\n".join([
+        "## Generation speed: images per second at equal quality (digits)", "",
+        f"`python benchmarks/generation_speed.py --model {args.model} --fast {args.fast}"
+        + (f" --flow {args.flow}" if args.flow else "") + (" --compile" if args.compile else "")
+        + f"` on {machine()}. **The machine was shared with other jobs: absolute times are noisy; compare the "
+        "ratios, measured within this one run** (best of " + f"{args.repeat}, settings taken in turn). Teacher "
+        f"`{args.model}`, few-step head `{args.fast}`{made}. End to end through `MMARPipeline`, CFG "
+        f"{args.guidance_scale:g}; batch 1: {args.single} images one at a time; batch {BATCH}: the {len(digits)} "
+        f"images ({args.per_digit} per digit) whose accuracy (the SVC judge, {svc:.1%} on real held-out digits) "
+        f"and FD are shown. FD of random {len(digits)}-image subsets of real training digits: {fd_mean:.2f} +- "
+        f"{noise:.2f}; *equal quality* = accuracy within 1 point of DDIM 50 and FD within 2 x {noise:.2f} of it.",
+        "", *lines, "", head + ("" if args.flow else " No flow-head model was at hand for this run (no flow row)."),
+        ""])
+    print(body)
+    if not args.no_write:
+        update_section("generation-speed", body)
+        update_readme(head + f" (`benchmarks/generation_speed.py`, {time.strftime('%Y-%m-%d')}, on a shared CPU; "
+                      "see the section \"Generation speed\" of `BENCHMARKS.md`.)")
+
+
+if __name__ == "__main__":
+    main()
