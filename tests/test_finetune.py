@@ -36,7 +36,8 @@ def _head_outputs(model, h):
     x = torch.randn(len(cond), head.token_dim, generator=g)
     t = torch.randint(0, 1000, (len(cond),), generator=g)
     with torch.no_grad():
-        return head.net(x, t, cond), head.sample(cond, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+        sample = head.sample(cond, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+        return head.net(x, t, cond), sample
 
 
 def test_lora_on_a_saved_llama_backbone_reloads_and_merges(tmp_path, tiny):
