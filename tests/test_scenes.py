@@ -24,9 +24,13 @@ def test_splits_are_fixed_disjoint_and_hold_out_combinations():
     assert again == scenes and np.array_equal(again_images, images)  # rebuilt identically
     assert not {x.tobytes() for x in images} & {x.tobytes() for x in test_images}
     assert len({x.tobytes() for x in test_images}) == 500
-    seen = {(o.colour, o.kind, o.side) for s in scenes for o in s.objects}
+    seen = {(o.colour, o.kind, relation(o, p)) for s in scenes for o in s.objects for p in s.objects if p is not o}
     assert not seen & HELD_OUT_COMBINATIONS and not any(s.held_out for s in scenes)
-    assert len(seen) == 6 * 4 * 2 - len(HELD_OUT_COMBINATIONS)  # everything else occurs in training
+    assert len(seen - {(c, k, None) for c, k, _ in seen}) == 6 * 4 * 4 - len(HELD_OUT_COMBINATIONS)  # all else
+    trained = {t2i_prompt(s, "position", v) for s in scenes if "position" in categories(s) for v in range(4)}
+    held_prompts = {t2i_prompt(s, "position", v) for s in test_scenes if s.held_out and "position" in categories(s)
+                    for v in range(4)}
+    assert len(held_prompts) > 30 and not held_prompts & trained  # the held-out position prompts are new
     held = [s for s in test_scenes if s.held_out]
     assert 60 < len(held) < 250  # a subset large enough to report apart
     for split in (scenes, test_scenes):  # every GenEval category and object count is represented
@@ -192,7 +196,7 @@ class _ScriptedPipe:
         scenes, images = load_split("test")
         self.answers = {(im.tobytes(), q): (t, a) for s, im in zip(scenes, images) for t, q, a in questions(s)}
         self.drawn: dict[str, list] = {}
-        for c, s in prompt_set(600):
+        for c, s in [p for ps in prompt_set(600) for p in ps]:
             shown = s
             if c in wrong_images:  # every object in the other's cell: relations reversed, nothing else changed
                 a, b = s.objects
@@ -241,10 +245,11 @@ def test_evaluator_scores_an_oracle_perfectly(tmp_path, tiny_scenes_pipe):
     m = evaluate_scenes("tiny", output=str(tmp_path / "m.json"), pipeline=oracle, num_prompts=60, num_qa_scenes=10,
                         num_edits=30, guidance_scale=1.0)
     saved = json.loads((tmp_path / "m.json").read_text())
-    assert saved["n_generated"] == 60 and saved["n_edits"] == 30
-    assert oracle.calls == {"text": m["n_questions"], "image": 90}
+    assert saved["n_generated"] == 60 and saved["n_edits"] == 30 and 0 < saved["n_generated_held_out_extra"] <= 60
+    assert oracle.calls == {"text": m["n_questions"], "image": 90 + saved["n_generated_held_out_extra"]}
     assert m["text_to_image_overall"] == 1.0 and set(m["text_to_image"]["by_category"].values()) == {1.0}
-    assert m["text_to_image"]["held_out_combinations"]["n"] > 0
+    held = m["text_to_image"]["held_out_combinations"]
+    assert held["n"] > 20 and held["by_category"]["position"] == 1.0
     assert m["text_to_image_overall_held_out_combinations"] == 1.0
     assert m["image_to_text_accuracy"] == 1.0 and m["image_to_text_accuracy_held_out_combinations"] == 1.0
     assert set(m["image_to_text_by_question"]) == {"caption", "colour", "count", "count_colour", "position", "shape",
@@ -264,6 +269,8 @@ def test_evaluator_scores_drop_by_the_share_a_wrong_pipeline_gets_wrong(tiny_sce
     by = m["text_to_image"]["by_category"]
     assert by["position"] == 0.0 and all(v == 1.0 for c, v in by.items() if c != "position")
     assert m["text_to_image_overall"] == pytest.approx(5 / 6)  # the mean of the six categories
+    held = m["text_to_image"]["held_out_combinations"]["by_category"]
+    assert held["position"] == 0.0 and held["colour_attribution"] == 1.0
     n = m["n_questions_by_type"]
     assert m["image_to_text_by_question"]["count"] == 0.0 and n["count"] == 10
     assert m["image_to_text_accuracy"] == pytest.approx(1 - 10 / m["n_questions"])
@@ -273,9 +280,10 @@ def test_evaluator_scores_drop_by_the_share_a_wrong_pipeline_gets_wrong(tiny_sce
     assert m["editing"]["kept"] == 1.0  # the unedited image keeps every other object
 
 
-def test_tiny_model_trains_on_scenes_through_the_cli_and_evaluates(tmp_path):
+def test_tiny_model_trains_on_scenes_through_the_cli_and_evaluates(tmp_path, monkeypatch):
     """A tiny backbone on the scenes data (64 image tokens of 48 values) for a few steps through
-    `mmar train`, then `mmar eval --task scenes` on a few prompts, questions and edits."""
+    `mmar train` (without the final preview grid, see :func:`_two_steps`), then `mmar eval --task scenes`
+    on a few prompts, questions and edits."""
     import json
 
     import yaml
@@ -290,6 +298,7 @@ def test_tiny_model_trains_on_scenes_through_the_cli_and_evaluates(tmp_path):
            "learning_rate": 3e-3, "warmup_steps": 1, "logging_steps": 1, "save_steps": 4, "sample_steps": 0,
            "progress": False}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(ScenesDataset, "preview_prompts", None)
     assert main(["train", "--config", str(tmp_path / "tiny.yaml")]) == 0
     spec = MMARConfig.from_pretrained(run).modalities["image"]
     assert spec.num_tokens == 64 and spec.token_dim == 48
@@ -300,6 +309,7 @@ def test_tiny_model_trains_on_scenes_through_the_cli_and_evaluates(tmp_path):
                  "--num_edits", "2", "--output", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["task"] == "scenes" and m["n_generated"] == 6 and m["n_edits"] == 2
+    assert m["n_generated_held_out_extra"] == 4  # one each of the four categories held-out scenes have
     assert m["n_questions"] == len(questions(load_split("test")[0][0]))
     assert set(m["text_to_image"]["by_category"]) == set(CATEGORIES) and 0 <= m["text_to_image_overall"] <= 1
     assert set(m["editing"]["by_type"]) == set(EDIT_TYPES) and (tmp_path / "metrics_grid.png").is_file()

@@ -8,9 +8,11 @@ in it, so two objects never touch). No two objects of a scene share colour and k
 circle" always names one object. Shapes are exact pixel masks (no anti-aliasing) on black.
 
 Split: an image is held out when the CRC-32 of its pixels is a multiple of ``HELD_OUT_EVERY``; on top
-of that, the ``HELD_OUT_COMBINATIONS`` (a colour and kind in one half of the image, e.g. a red triangle
-on the left) never occur in a training image, so the held-out scenes that hold one measure composition,
-not memory. The held-out images are all different.
+of that, the ``HELD_OUT_COMBINATIONS`` (a colour and kind in one position relative to another object,
+e.g. a red triangle left of anything) never occur in a training image, so neither "a red triangle left of
+a blue square" nor its answer "left of" is ever trained on, while red triangles, and other objects left
+of others, are: the held-out scenes that hold one measure composition, not memory. The held-out images
+are all different.
 
 Samples per scene (:class:`ScenesDataset`):
 
@@ -49,9 +51,9 @@ LAYOUT_WEIGHTS = {"single": 0.2, "pair": 0.35, "count": 0.2, "mixed": 0.25}
 SPLIT_SIZES = {"train": 6000, "test": 500}
 SPLIT_SEEDS = {"train": 4321, "test": 8765}
 HELD_OUT_EVERY = 10
-HELD_OUT_COMBINATIONS = frozenset({("red", "triangle", "left"), ("green", "circle", "right"),
-                                   ("blue", "diamond", "left"), ("yellow", "square", "right"),
-                                   ("purple", "circle", "left"), ("cyan", "triangle", "right")})
+HELD_OUT_COMBINATIONS = frozenset({("red", "triangle", "left of"), ("green", "circle", "right of"),
+                                   ("blue", "diamond", "above"), ("yellow", "square", "below"),
+                                   ("purple", "circle", "left of"), ("cyan", "triangle", "above")})
 CATEGORIES = ("single_object", "two_object", "counting", "colours", "position", "colour_attribution")
 EDIT_TYPES = ("recolour", "move", "add", "remove", "resize", "swap")
 MOVES = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
@@ -79,10 +81,6 @@ class Obj:
     def name(self) -> str:
         return f"{self.colour} {self.kind}"
 
-    @property
-    def side(self) -> str:
-        return "left" if self.col < GRID // 2 else "right"
-
 
 @dataclass(frozen=True)
 class Scene:
@@ -92,8 +90,10 @@ class Scene:
 
     @property
     def held_out(self) -> bool:
-        """Whether it holds a combination no training image has."""
-        return any((o.colour, o.kind, o.side) in HELD_OUT_COMBINATIONS for o in self.objects)
+        """Whether it holds a combination no training image has: an object of a held-out colour and kind
+        in the held-out :func:`relation` to another object."""
+        return any((o.colour, o.kind, relation(o, p)) in HELD_OUT_COMBINATIONS
+                   for o in self.objects for p in self.objects if p is not o)
 
     def find(self, colour: str, kind: str) -> Obj | None:
         return next((o for o in self.objects if (o.colour, o.kind) == (colour, kind)), None)

@@ -11,7 +11,8 @@ scenes and edits (the exact scene graph read back).
   number per category; a generated image passes when it shows exactly what the prompt says (the
   objects' count, kinds, colours and, for position, the relation of their centres). ``overall`` is the
   mean of the six category scores (GenEval's overall); every figure also for the held-out-combination
-  subset (scenes holding a colour, kind and side no training image has);
+  subset (scenes holding a colour and kind in a relation to another object that no training image has:
+  there the position category is the composition test, its prompt naming the unseen combination);
 * image-to-text: greedy answers to every question of the first held-out scenes, exact match, per
   question type and overall (captions included) and on the held-out-combination subset;
 * editing: the source image and the instruction -> the edited image, which passes when the analyser
@@ -160,24 +161,29 @@ def analyser_accuracy(split: str = "test", n: int | None = None) -> dict[str, fl
             "n_scenes": len(scenes), "n_edits": len(edits)}
 
 
-def prompt_set(num_prompts: int) -> list[tuple[str, Scene]]:
-    """``num_prompts`` (category, scene) pairs of held-out scenes, as many per category (rounded down),
-    each category's scenes in split order."""
+def prompt_set(num_prompts: int) -> tuple[list[tuple[str, Scene]], list[tuple[str, Scene]]]:
+    """(category, scene) pairs of held-out scenes: ``num_prompts`` of them, as many per category (rounded
+    down), each category's scenes in split order; then as many again per category from the scenes holding
+    a held-out combination that the first list left out (so that subset is not a handful)."""
     scenes = load_split("test")[0]
     per = num_prompts // len(CATEGORIES)
-    return [(c, s) for c in CATEGORIES for s in [s for s in scenes if c in categories(s)][:per]]
+    main = [(c, s) for c in CATEGORIES for s in [s for s in scenes if c in categories(s)][:per]]
+    extra = [(c, s) for c in CATEGORIES
+             for s in [s for s in scenes if s.held_out and c in categories(s) and (c, s) not in main][:per]]
+    return main, extra
 
 
-def summarise_t2i(pairs: list[tuple[str, Scene]], passed: list[bool]) -> dict[str, Any]:
-    """Per-category scores, GenEval's overall (their mean), and both on the held-out-combination subset."""
-    def block(keep) -> dict[str, Any]:
-        by = {c: _mean(ok for (cc, s), ok in zip(pairs, passed) if cc == c and keep(s)) for c in CATEGORIES}
+def summarise_t2i(pairs: list[tuple[str, Scene]], passed: list[bool], n_main: int) -> dict[str, Any]:
+    """Per-category scores and GenEval's overall (their mean) over the first ``n_main`` pairs, and both
+    over every pair from a scene holding a held-out combination."""
+    def block(chosen) -> dict[str, Any]:
+        by = {c: _mean(ok for (cc, _), ok in chosen if cc == c) for c in CATEGORIES}
         scored = [v for v in by.values() if v is not None]
-        return {"overall": float(np.mean(scored)) if scored else None, "by_category": by,
-                "n": sum(1 for _, s in pairs if keep(s))}
+        return {"overall": float(np.mean(scored)) if scored else None, "by_category": by, "n": len(chosen)}
 
-    out = block(lambda s: True)
-    out["held_out_combinations"] = block(lambda s: s.held_out)
+    both = list(zip(pairs, passed))
+    out = block(both[:n_main])
+    out["held_out_combinations"] = block([(p, ok) for p, ok in both if p[1].held_out])
     return out
 
 
@@ -264,7 +270,7 @@ def evaluate_scenes(model_dir: str, output: str | None = None, grid: str | None 
                     pipeline: MMARPipeline | None = None, **_) -> dict[str, Any]:
     """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets the generated images
     (text-to-image, then edits). ``num_prompts``: text-to-image prompts, spread evenly over the six
-    categories; ``num_qa_scenes``: held-out scenes whose questions are asked (None: all 500);
+    categories (and as many again from held-out-combination scenes, :func:`prompt_set`); ``num_qa_scenes``: held-out scenes whose questions are asked (None: all 500);
     ``num_edits``: the first held-out edits; ``image_guidance_scale`` goes to the pipeline for edits
     only when given (dual guidance)."""
     t0 = time.time()
@@ -276,9 +282,10 @@ def evaluate_scenes(model_dir: str, output: str | None = None, grid: str | None 
                 "image_temperature": image_temperature}
     asked, answers = answer_questions(pipe, num_qa_scenes)
     qa = score_answers(asked, answers)
-    pairs = prompt_set(num_prompts)
+    main, extra = prompt_set(num_prompts)
+    pairs = main + extra
     generated = generate(pipe, [t2i_prompt(s, c) for c, s in pairs], seed, **settings)
-    t2i = summarise_t2i(pairs, [check(c, s, im) for (c, s), im in zip(pairs, generated)])
+    t2i = summarise_t2i(pairs, [check(c, s, im) for (c, s), im in zip(pairs, generated)], len(main))
     edits = [e for e in load_edits("test") if e is not None][:num_edits]
     edit_kw = {} if image_guidance_scale is None else {"image_guidance_scale": image_guidance_scale}
     edited = generate(pipe, [edit_prompt(e) for e in edits], seed + 1, **settings, **edit_kw) if edits else []
@@ -293,8 +300,9 @@ def evaluate_scenes(model_dir: str, output: str | None = None, grid: str | None 
         "image_to_text_accuracy_held_out_combinations": qa["held_out_combinations"],
         "editing_success": ed["success"], "editing": ed,
         "analyser_on_real_heldout": analyser_accuracy("test"),
-        **(fd_metrics(generated, seed) if len(generated) > 1 else {}),
-        "n_questions": qa["n"], "n_generated": len(generated), "n_edits": len(edits),
+        **(fd_metrics(generated[: len(main)], seed) if len(main) > 1 else {}),
+        "n_questions": qa["n"], "n_generated": len(main), "n_generated_held_out_extra": len(extra),
+        "n_edits": len(edits),
         "guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale, "head": head["name"],
         "num_inference_steps": num_inference_steps or head.get("num_inference_steps"),
         "image_temperature": image_temperature or pipe.generation_config.image_temperature,
