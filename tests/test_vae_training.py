@@ -92,14 +92,20 @@ def test_fit_rejects_bad_input():
 
 def test_train_tokenizer_cli_end_to_end(tmp_path):
     cfg = tmp_path / "vae.yaml"
-    cfg.write_text(f"output_dir: {tmp_path / 'tok'}\ndataset: digits\nsteps: 30\nbatch_size: 32\n"
+    cfg.write_text(f"output_dir: {tmp_path / 'tok'}\ndataset: digits\nsteps: 80\nbatch_size: 32\n"
                    f"tokenizer: {{name: image-vae, image_size: 8, patch_size: 2, vae_config: {json.dumps(TINY_VAE)}}}\n"
                    "fit: {learning_rate: 3.0e-3, kl_weight: 1.0e-3, loss: mse, progress: false}\n")
     assert main(["train-tokenizer", "--config", str(cfg)]) == 0
     out = tmp_path / "tok"
     report = json.loads((out / "reconstruction.json").read_text())
-    assert report["tokenizer"] == "image-vae" and len(report["fit_history"]) == 3
-    assert 0 < report["heldout"]["mse"] < 0.2 and report["heldout"]["psnr_db"] > 7
+    assert report["tokenizer"] == "image-vae" and len(report["fit_history"]) == 8
+    heldout = report["heldout"]
+    assert heldout["psnr_db"] == pytest.approx(10 * np.log10(1 / heldout["mse"])) and heldout["psnr_peak"] == 1.0
+    # it learned the digits, not just their average: beat the mean training image (11.3 dB on the held-out
+    # digits; a black image scores 6.3 dB) by 2 dB (measured: 14.9 dB after these 80 steps)
+    xtr, xte = (load_digit_split(s)[0] / 255.0 for s in ("train", "test"))
+    mean_image_psnr = 10 * np.log10(1 / ((xte - xtr.mean(0)) ** 2).mean())
+    assert heldout["psnr_db"] > mean_image_psnr + 2.0, (heldout["psnr_db"], mean_image_psnr)
     assert (out / "fit_curve.png").stat().st_size > 0
     tok = ModalityTokenizer.from_pretrained(out)
     assert tok.trained and tok.num_tokens() == 4 and tok.token_dim == 8  # 4x4x2 latents in 2x2 patches
