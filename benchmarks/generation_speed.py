@@ -8,7 +8,7 @@ DDIM 10, the few-step head (``mmar distill-head``: 1 and, for a 2-step student, 
 when a flow model is given, and with ``--compile`` the compiled static-cache sampler. Each timing is the best
 of ``--repeat`` runs, the settings taken in turn (a shared machine: ratios within one run are what counts).
 
-    python benchmarks/generation_speed.py --model runs/digits --fast runs/digits-fast [--flow runs/digits-flow]
+    python benchmarks/generation_speed.py --model runs/digits --fast runs/digits-fast [runs/digits-fast2] [--flow DIR]
 
 Where ``--fast`` does not exist yet it is distilled first (``mmar distill-head`` with its defaults, timed).
 Writes the section "generation-speed" of BENCHMARKS.md and the headline block of README.md.
@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import ROOT, machine, update_section  # noqa: E402
 
 BATCH = 32
+CEILING = "zero-cost head (returns zeros: the ceiling of any head speed-up)"
 
 
 def draw(pipe, digits: list[int], batch: int, guidance: float, steps: int | None, **extra) -> tuple[list, float]:
@@ -72,13 +73,15 @@ def settings(args) -> list[tuple[str, str, int | None, dict]]:
     import json
 
     rows = [("diffusion, DDIM 50 (default)", args.model, 50, {}), ("diffusion, DDIM 10", args.model, 10, {})]
-    student = json.load(open(os.path.join(args.fast, "config.json")))["modalities"]["image"]["head"]
-    rows += [(f"few-step head, {k} step{'s' if k > 1 else ''}", args.fast, k, {})
-             for k in range(1, student["steps"] + 1)]
+    for fast in args.fast:
+        student = json.load(open(os.path.join(fast, "config.json")))["modalities"]["image"]["head"]
+        rows += [(f"few-step head ({student['steps']}-step student `{fast}`), {k} step{'s' if k > 1 else ''}", fast,
+                  k, {}) for k in range(1, student["steps"] + 1)]
     if args.flow:
         rows.append(("flow, Euler 8", args.flow, 8, {}))
+    rows.append((CEILING, args.model, 1, {}))
     if args.compile:
-        rows.append(("few-step head, 1 step, compiled static-cache sampler", args.fast, 1,
+        rows.append(("few-step head, 1 step, compiled static-cache sampler", args.fast[0], 1,
                      {"cache_implementation": "static", "compile": True}))
     return rows
 
@@ -91,10 +94,15 @@ def measure(args, rows, digits, clf, mlp, real) -> dict:
     for rep in range(args.repeat):
         for label, path, steps, extra in rows:
             pipe = pipes.setdefault(path, load(path))
+            head = pipe.model.heads["image"]
+            if label == CEILING:  # what a token costs without its head: the backbone step and the sampler
+                head.sample = lambda cond, dim=head.token_dim, **kw: cond.new_zeros(cond.shape[0], dim)
             images, secs = draw(pipe, digits, BATCH, args.guidance_scale, steps, **extra)
             _, secs1 = draw(pipe, digits[:args.single], 1, args.guidance_scale, steps, **extra)
+            if label == CEILING:
+                del head.sample  # the class's own method again
             r = results.setdefault(label, {"steps": steps, "b32": secs, "b1": secs1})
-            if rep == 0:
+            if rep == 0 and label != CEILING:
                 r["acc"] = float(np.mean(classify(clf, images) == np.array(digits)))
                 r["fd"] = frechet_distance(features(mlp, images), real)
             r["b32"], r["b1"] = min(r["b32"], secs), min(r["b1"], secs1)
@@ -120,28 +128,34 @@ def table(results: dict, n: int, single: int, noise: float) -> tuple[list[str], 
              "text-to-image acc. | FD | equal quality? |", "|---|---|---|---|---|---|---|"]
     verdict = {}
     for label, r in results.items():
-        equal = r["acc"] >= base["acc"] - 0.01 and abs(r["fd"] - base["fd"]) <= 2 * noise
         s1, s32 = base["b1"] / r["b1"], base["b32"] / r["b32"]
-        lines.append(f"| {label} | {single / r['b1']:.2f} | {n / r['b32']:.1f} | {s1:.1f}x / {s32:.1f}x | "
-                     f"{r['acc']:.1%} | {r['fd']:.2f} | {'yes' if equal else 'no'} |")
+        speed = f"| {label} | {single / r['b1']:.2f} | {n / r['b32']:.1f} | {s1:.1f}x / {s32:.1f}x |"
+        if label == CEILING:
+            lines.append(speed + " – (blank images) | – | – |")
+            continue
+        equal = r["acc"] >= base["acc"] - 0.01 and abs(r["fd"] - base["fd"]) <= 2 * noise
+        lines.append(speed + f" {r['acc']:.1%} | {r['fd']:.2f} | {'yes' if equal else 'no'} |")
         if label.startswith("few-step") and "compiled" not in label:
             verdict[label] = (equal, s1, s32, r)
     return lines, verdict
 
 
-def headline(verdict: dict, base: dict, noise: float) -> str:
-    """The README sentence: the best equal-quality few-step setting against the 5x target, or the shortfall."""
+def headline(verdict: dict, base: dict, noise: float, ceiling: dict) -> str:
+    """The README sentence: the best equal-quality few-step setting against the 5x target, or the shortfall,
+    and the ceiling (a zero-cost head) that bounds any head's speed-up."""
     equal = {k: v for k, v in verdict.items() if v[0]}
+    bound = (f" A zero-cost head would give {base['b1'] / ceiling['b1']:.1f}x / {base['b32'] / ceiling['b32']:.1f}x: "
+             "what is left is the backbone step and the sampler.")
     if equal:
         label, (_, s1, s32, r) = max(equal.items(), key=lambda kv: kv[1][2])
         met = "meets" if min(s1, s32) >= 5 else "is short of"
         return (f"The {label} draws digits {s1:.1f}x (batch 1) and {s32:.1f}x (batch {BATCH}) as fast as the default "
                 f"DDIM 50 at equal quality (accuracy {r['acc']:.1%} vs {base['acc']:.1%}, FD {r['fd']:.2f} vs "
-                f"{base['fd']:.2f}, noise band +-{2 * noise:.2f}); it {met} the 5x target.")
+                f"{base['fd']:.2f}, noise band +-{2 * noise:.2f}); it {met} the 5x target." + bound)
     label, (_, s1, s32, r) = max(verdict.items(), key=lambda kv: kv[1][2])
     return (f"The {label} is {s1:.1f}x (batch 1) / {s32:.1f}x (batch {BATCH}) as fast as DDIM 50 but not at equal "
             f"quality (accuracy {r['acc']:.1%} vs {base['acc']:.1%}, FD {r['fd']:.2f} vs {base['fd']:.2f}, noise "
-            f"band +-{2 * noise:.2f}): the 5x target at equal quality is not met.")
+            f"band +-{2 * noise:.2f}): the 5x target at equal quality is not met." + bound)
 
 
 def update_readme(text: str) -> None:
@@ -161,7 +175,8 @@ def update_readme(text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="runs/digits", help="diffusion-head model (the default DDIM 50)")
-    ap.add_argument("--fast", default="runs/digits-fast", help="its distilled few-step model (made if missing)")
+    ap.add_argument("--fast", nargs="+", default=["runs/digits-fast"],
+                    help="its distilled few-step model(s) (the first is made if missing)")
     ap.add_argument("--flow", default=None, help="a flow-head model of the same recipe, if at hand")
     ap.add_argument("--compile", action="store_true", help="also the compiled static-cache sampler (slow to compile)")
     ap.add_argument("--per_digit", type=int, default=10)
@@ -175,7 +190,7 @@ def main() -> None:
     from mmar.datasets.digits import load_digit_split
     from mmar.eval.digits import features, fit_classifier, fit_feature_extractor
 
-    distil_secs = ensure_fast(args.model, args.fast, args.threads)
+    distil_secs = ensure_fast(args.model, args.fast[0], args.threads)
     clf, svc = fit_classifier()
     mlp = fit_feature_extractor()
     real = features(mlp, load_digit_split("test")[0])
@@ -184,15 +199,19 @@ def main() -> None:
     results = measure(args, settings(args), digits, clf, mlp, real)
     lines, verdict = table(results, len(digits), args.single, noise)
     base = results["diffusion, DDIM 50 (default)"]
-    head = headline(verdict, base, noise)
+    head = headline(verdict, base, noise, results[CEILING])
     made = f" (distilled in this run: {distil_secs / 60:.1f} min)" if distil_secs else ""
+    teacher = load(args.model).model
+    size = (f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters, its head's own default "
+            f"DDIM {teacher.config.modalities['image'].head.get('num_inference_steps')}")
     body = "\n".join([
         "## Generation speed: images per second at equal quality (digits)", "",
-        f"`python benchmarks/generation_speed.py --model {args.model} --fast {args.fast}"
+        f"`python benchmarks/generation_speed.py --model {args.model} --fast {' '.join(args.fast)}"
         + (f" --flow {args.flow}" if args.flow else "") + (" --compile" if args.compile else "")
         + f"` on {machine()}. **The machine was shared with other jobs: absolute times are noisy; compare the "
         "ratios, measured within this one run** (best of " + f"{args.repeat}, settings taken in turn). Teacher "
-        f"`{args.model}`, few-step head `{args.fast}`{made}. End to end through `MMARPipeline`, CFG "
+        f"`{args.model}` ({size}), few-step heads {', '.join(f'`{d}`' for d in args.fast)}{made}. End to end through "
+        f"`MMARPipeline`, CFG "
         f"{args.guidance_scale:g}; batch 1: {args.single} images one at a time; batch {BATCH}: the {len(digits)} "
         f"images ({args.per_digit} per digit) whose accuracy (the SVC judge, {svc:.1%} on real held-out digits) "
         f"and FD are shown. FD of random {len(digits)}-image subsets of real training digits: {fd_mean:.2f} +- "

@@ -117,7 +117,8 @@ def test_cli_distils_a_saved_model_that_generates(tmp_path, tiny_dir):
 
     out = tmp_path / "fast"
     assert main(["distill-head", "--model", str(tiny_dir), "--output", str(out), "--teacher_steps", "5",
-                 "--guidance_scales", "1", "2", "--pairs", "256", "--max_steps", "6", "--max_samples", "64", "--batch_size", "64",
+                 "--guidance_scales", "1", "2", "--pairs", "256", "--max_steps", "6", "--max_samples", "64",
+                 "--batch_size", "64",
                  "--progress", "false"]) == 0
     assert {"config.json", "log.jsonl", "loss_curve.png", "distill.json"} <= {f.name for f in out.iterdir()}
     summary = json.loads((out / "distill.json").read_text())

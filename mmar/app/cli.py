@@ -424,7 +424,8 @@ def _add_distill_head(sub) -> None:
     p.add_argument("--max_steps", type=_count(1), default=1500)
     p.add_argument("--batch_size", type=_count(1), default=512)
     p.add_argument("--learning_rate", type=float, default=3e-4)
-    p.add_argument("--modality", default=None, help="the head to distil (default: the model's only diffusion/flow head)")
+    p.add_argument("--modality", default=None,
+                   help="the head to distil (default: the model's only diffusion / flow head)")
     p.add_argument("--dataset", default="digits", help="the training data the conditions come from")
     p.add_argument("--data_files", nargs="+", default=None, help="for --dataset jsonl: the JSONL files")
     p.add_argument("--max_samples", type=_count(1), default=None,
