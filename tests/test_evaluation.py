@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -64,6 +65,26 @@ def test_eval_rows_best_model_and_early_stopping(tmp_path, tiny_dir, contradicti
     state = json.loads((out / "checkpoints" / f"step_{last}" / "trainer_state.json").read_text())
     assert state["best_step"] == best["step"] and state["evals_without_improvement"] == 2
     assert (out / "loss_curve.png").stat().st_size > 1000
+
+
+def test_a_resumed_run_keeps_the_best_record(tmp_path, tiny_dir, contradicting):
+    def args(out, extra=()):
+        return ["train", "--init_from", str(tiny_dir), "--dataset", "jsonl",
+                "--data_files", str(contradicting / "train.jsonl"),
+                "--eval_data_files", str(contradicting / "held_out.jsonl"), "--eval_steps", "2", "--max_steps", "8",
+                "--batch_size", "8", "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "2",
+                "--save_steps", "4", "--output_dir", str(out), "--progress", "false", *extra]
+
+    assert main(args(tmp_path / "full")) == 0
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_4", tmp_path / "resumed" / "checkpoints" / "step_4")
+    assert main(args(tmp_path / "resumed", ["--resume_from_checkpoint", "latest"])) == 0
+    full = {r["step"]: r for r in _rows(tmp_path / "full") if "eval_loss" in r}
+    resumed = {r["step"]: r for r in _rows(tmp_path / "resumed") if "eval_loss" in r}
+    assert sorted(full) == [2, 4, 6, 8] and sorted(resumed) == [6, 8]
+    for step, row in resumed.items():
+        assert row["eval_loss"] == pytest.approx(full[step]["eval_loss"], rel=1e-4)
+        assert row["best_step"] == full[step]["best_step"]
+        assert row["best_eval_loss"] == pytest.approx(full[step]["best_eval_loss"], rel=1e-4)
 
 
 def test_eval_split_holds_out_a_fixed_slice_not_trained_on():

@@ -150,7 +150,7 @@ def _train_cmd(out, data, extra=()):
 
 
 def _losses(out, key="loss"):
-    return {r["step"]: r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())}
+    return {r["step"]: r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r}
 
 
 def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tiny_dir, chat_jsonl):
@@ -176,14 +176,16 @@ def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tiny_dir, chat_jso
 
 
 def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
-    """accelerate launch with 2 CPU processes (gloo), batch 4 each == 1 process with batch 8."""
+    """accelerate launch with 2 CPU processes (gloo), batch 4 each == 1 process with batch 8; the held-out
+    eval (here the 42 training records, 2 of them bad) is averaged over both processes."""
     data = {"model": tiny_dir, "jsonl": chat_jsonl}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    evals = ["--eval_data_files", str(chat_jsonl), "--eval_steps", "5", "--eval_batch_size", "4"]
     one = tmp_path / "one"
-    subprocess.run(_train_cmd(one, data, ["--max_steps", "10", "--save_steps", "0"]), check=True, env=env,
+    subprocess.run(_train_cmd(one, data, ["--max_steps", "10", "--save_steps", "0", *evals]), check=True, env=env,
                    cwd=ROOT, capture_output=True)
     two = tmp_path / "two"
-    cmd = _train_cmd(two, data, ["--max_steps", "10", "--save_steps", "0", "--batch_size", "4"])
+    cmd = _train_cmd(two, data, ["--max_steps", "10", "--save_steps", "0", "--batch_size", "4", *evals])
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               os.path.join(ROOT, "configs", "accelerate", "cpu-2proc.yaml"), "-m", *cmd[2:]]
     res = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -196,6 +198,11 @@ def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
         a, b = _losses(one, key), _losses(two, key)
         diffs = [abs(a[s] - b[s]) / a[s] for s in a]
         assert np.mean(diffs) < mean_tol and max(diffs) < max_tol, (key, diffs)
+    # the eval sees every held-out record once whatever the number of processes: the same text loss up to
+    # the weights' difference (the training text loss's tolerance)
+    a, b = _losses(one, "eval_text_loss"), _losses(two, "eval_text_loss")
+    assert sorted(a) == sorted(b) == [5, 10]
+    assert all(abs(a[s] - b[s]) / a[s] < 0.12 for s in a), (a, b)
 
 
 def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):

@@ -372,6 +372,10 @@ def finish_eval(run, targs) -> bool:
         return False
     record = restore_best(targs.output_dir)
     if record is None:
+        if run.evaluator.best_step is not None:  # e.g. resumed from a checkpoint copied elsewhere
+            warnings.warn(f"load_best_model_at_end: the best eval's weights (step {run.evaluator.best_step}) are "
+                          f"not in {os.path.join(targs.output_dir, BEST)}; the final model is the last step's",
+                          stacklevel=2)
         return False
     with open(run.log_path, "a") as f:
         f.write(json.dumps({"step": run.step, "final_model_step": record["step"],
