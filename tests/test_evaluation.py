@@ -46,6 +46,7 @@ def test_eval_rows_best_model_and_early_stopping(tmp_path, tiny_dir, contradicti
     assert all(r["eval_text_loss"] == pytest.approx(r["eval_loss"]) and "eval_image_loss" not in r for r in evals)
     assert all(0.0 <= r["eval_exact_match"] <= 1.0 and r["eval_answered"] == 4 for r in evals)
     assert f"mmar: step 3: eval loss {evals[0]['eval_loss']:.4f}" in printed
+    assert f"exact match {evals[0]['eval_exact_match']:.1%}" in printed
     # the best step is the eval with the lowest loss; two evals without improvement stopped the run
     best = min(evals, key=lambda r: r["eval_loss"])
     assert all(r["best_step"] == min(evals[:i + 1], key=lambda r: r["eval_loss"])["step"]

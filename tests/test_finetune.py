@@ -203,6 +203,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
     a, b = _losses(one, "eval_text_loss"), _losses(two, "eval_text_loss")
     assert sorted(a) == sorted(b) == [5, 10]
     assert all(abs(a[s] - b[s]) / a[s] < 0.12 for s in a), (a, b)
+    assert _losses(one, "eval_bad_records") == _losses(two, "eval_bad_records") == {5: 2, 10: 2}  # summed
 
 
 def test_real_scale_recipe_with_tiny_stand_ins(tmp_path, chat_jsonl):

@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   mmar train --config configs/digits.yaml
   mmar train --config configs/digits.yaml --max_steps 200 --output_dir runs/quick
   mmar train --config configs/finetune-lora.yaml --data_files my_chats.jsonl
+  mmar train --config configs/finetune-lora.yaml --data_files my_chats.jsonl --eval_split 0.1 \
+             --load_best_model_at_end true --early_stopping_patience 3
   mmar merge-lora --adapter runs/lora --output runs/merged
   mmar distill-head --model runs/digits --output runs/digits-fast
   mmar eval --model runs/digits --task digits --output metrics.json

@@ -149,8 +149,8 @@ def held_out_losses(acc, model, dataset, collator: Collator, batch_size: int) ->
     """The eval losses over every held-out sample, on every process together (summed, then divided)."""
     safe, proc = SafeDataset(dataset), collator.processor
     modalities = [m for m in proc.token_ids if m in proc.modality_tokenizers]
-    sums = torch.zeros(2 * (2 + len(modalities)), dtype=torch.float64, device=acc.device)
-    filler = None
+    sums = torch.zeros(2 * (2 + len(modalities)) + 1, dtype=torch.float64, device=acc.device)
+    filler, skipped = None, collator.skipped
     was_training = model.training
     model.eval()
     for idx in eval_shards(len(dataset), batch_size, acc.num_processes, acc.process_index):
@@ -166,15 +166,19 @@ def held_out_losses(acc, model, dataset, collator: Collator, batch_size: int) ->
             sums[2 * j] += float(v) * w * weight
             sums[2 * j + 1] += w * weight
     model.train(was_training)
+    sums[-1] = collator.skipped - skipped  # bad held-out records (skipped, as in training)
     sums = acc.reduce(sums, "sum").tolist()
     names = ["eval_loss", "eval_text_loss", *(f"eval_{m}_loss" for m in modalities)]
-    return {k: sums[2 * j] / sums[2 * j + 1] for j, k in enumerate(names) if sums[2 * j + 1] > 0}
+    out = {k: sums[2 * j] / sums[2 * j + 1] for j, k in enumerate(names) if sums[2 * j + 1] > 0}
+    return {**out, "eval_bad_records": int(sums[-1])} if sums[-1] else out
 
 
 def _stand_in(safe: SafeDataset, collator: Collator) -> dict:
+    counted = collator.skipped, list(collator.reasons)  # a stand-in's search skips nothing of the eval's
     for i in range(len(safe)):
         batch = collator([safe[i]])
         if batch is not None:
+            collator.skipped, collator.reasons = counted
             return batch
     raise ValueError(f"{getattr(safe.dataset, 'name', 'the held-out data')}: no readable held-out sample")
 
@@ -242,7 +246,7 @@ class Evaluator:
         self.every = targs.eval_steps or targs.logging_steps
         self.batch_size = targs.eval_batch_size or targs.batch_size
         self.best_loss, self.best_step, self.bad_evals = math.inf, None, 0
-        self.stop, self.warned, self.last = False, False, {}
+        self.stop, self.warned, self.told_bad = False, False, False
         self.train_sum, self.train_n = 0.0, 0
         self.answers = answer_records(dataset, targs.eval_generate) if targs.eval_generate else []
 
@@ -354,6 +358,10 @@ def report(run, row: dict, targs) -> None:
             + (f", exact match {row['eval_exact_match']:.1%}" if "eval_exact_match" in row else "")
             + f"; best {ev.best_loss:.4f} at step {ev.best_step}")
     tqdm.write(line)
+    if row.get("eval_bad_records") and not ev.told_bad:
+        ev.told_bad = True
+        tqdm.write(f"mmar: eval: {row['eval_bad_records']} bad held-out record(s) skipped; e.g. "
+                   f"{'; '.join(dict.fromkeys(ev.collator.reasons)) or 'see the training log'}")
     if row.get("overfitting") and not ev.warned:
         ev.warned = True
         warnings.warn(f"step {run.step}: the training loss ({row['train_loss']:.4f}) is far below the eval loss "
