@@ -339,10 +339,12 @@ def test_recipe_loads_and_runs_two_steps(tmp_path, monkeypatch):
     assert spec.num_tokens == 64 and spec.token_dim == 48 and config.pos_embed
 
 
-def test_vae_recipe_trains_its_tokenizer_and_loads(tmp_path, monkeypatch):
-    """configs/vae-scenes.yaml (two tokenizer steps, fitted and scored on the first 64 scenes of each split:
-    the whole split through a VAE takes minutes on a busy CPU) and configs/scenes-vae.yaml pointed at the
-    result (two model steps): 64 latent tokens of 16 values per image."""
+@pytest.mark.parametrize("tokenizer_config, model_config, token_dim", [
+    ("configs/vae-scenes.yaml", "configs/scenes-vae.yaml", 16), ("configs/vq-scenes.yaml", "configs/scenes-vq.yaml", None)])
+def test_tokenizer_recipes_train_and_load(tokenizer_config, model_config, token_dim, tmp_path, monkeypatch):
+    """A tokenizer recipe (two steps, fitted and scored on the first 64 scenes of each split: the whole split
+    through a VAE takes minutes on a busy CPU) and the model recipe pointed at the result (two model steps):
+    64 latent tokens of 16 values per image (VAE), or 64 codes of 256 (VQ)."""
     import yaml
 
     from mmar.cli import main
@@ -350,11 +352,12 @@ def test_vae_recipe_trains_its_tokenizer_and_loads(tmp_path, monkeypatch):
 
     items = tokenizer_trainer.raw_items
     monkeypatch.setattr(tokenizer_trainer, "raw_items", lambda name, split: items(name, split)[:64])
-    vae = yaml.safe_load(open("configs/vae-scenes.yaml"))
-    vae.update(steps=2, batch_size=8, output_dir=str(tmp_path / "vae"))
-    (tmp_path / "vae.yaml").write_text(yaml.safe_dump(vae))
-    assert main(["train-tokenizer", "--config", str(tmp_path / "vae.yaml")]) == 0
-    cfg = yaml.safe_load(open("configs/scenes-vae.yaml"))
-    cfg["modalities"]["image"]["tokenizer"] = {"path": str(tmp_path / "vae")}
+    tok = yaml.safe_load(open(tokenizer_config))
+    tok.update(steps=2, batch_size=8, output_dir=str(tmp_path / "tok"))
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump(tok))
+    assert main(["train-tokenizer", "--config", str(tmp_path / "tok.yaml")]) == 0
+    cfg = yaml.safe_load(open(model_config))
+    cfg["modalities"]["image"]["tokenizer"] = {"path": str(tmp_path / "tok")}
     spec = _two_steps(cfg, tmp_path, monkeypatch).modalities["image"]
-    assert spec.num_tokens == 64 and spec.token_dim == 16
+    assert spec.num_tokens == 64
+    assert spec.token_dim == token_dim if token_dim else spec.vocab_size == 256

@@ -18,9 +18,9 @@ scenes and edits (the exact scene graph read back).
 * editing: the source image and the instruction -> the edited image, which passes when the analyser
   reads exactly the edited scene graph back: the edit was made AND every other object stayed as it was
   (both parts also reported apart), per edit type and overall;
-* a Fréchet distance of the generated images to the held-out ones, in the space of the principal
-  components of training scenes' pixels, with its noise band: the distances of real training images (as many
-  as were generated, several draws) to the same held-out ones.
+* a Fréchet distance of the generated images to held-out ones of the same category mix, in the space of
+  the principal components of training scenes' pixels, with its noise band: the distances of real
+  training images (one of the same category per generated image, several draws) to the same held-out ones.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ COLOUR_NAMES = list(COLOURS)
 MAX_ANSWER_TOKENS = 64
 FD_TRAIN_IMAGES = 2000
 FD_BAND_DRAWS = 5
+FD_REF_PER_CATEGORY = 50
 
 
 @dataclass(frozen=True)
@@ -249,14 +250,21 @@ def features(pca, images) -> np.ndarray:
     return pca.transform(np.stack([_as_array(im).reshape(-1) for im in images]) / 255.0)
 
 
-def fd_metrics(generated: list, seed: int) -> dict[str, Any]:
-    """The Fréchet distance of ``generated`` to the held-out images, and its noise band: the distances of
-    ``FD_BAND_DRAWS`` draws of as many real training images (beyond those the PCA saw) to the same ones."""
+def fd_metrics(generated: list, prompted: list[str], seed: int) -> dict[str, Any]:
+    """The Fréchet distance of ``generated`` (images for prompts of the categories ``prompted``) to real
+    held-out images of the same category mix (``FD_REF_PER_CATEGORY`` scenes of each category), and its
+    noise band: the distances of ``FD_BAND_DRAWS`` draws of real training images (beyond those the PCA
+    saw), one of the same category per generated image, to the same held-out ones."""
     pca = fit_feature_extractor(seed)
-    real = features(pca, load_split("test")[1])
-    pool = load_split("train")[1][FD_TRAIN_IMAGES:]
+    test_scenes, test_images = load_split("test")
+    ref = [im for c in CATEGORIES for im in [im for s, im in zip(test_scenes, test_images)
+                                             if c in categories(s)][:FD_REF_PER_CATEGORY]]
+    real = features(pca, ref)
+    train_scenes, train_images = load_split("train")
+    pool = {c: [i for i in range(FD_TRAIN_IMAGES, len(train_scenes)) if c in categories(train_scenes[i])]
+            for c in CATEGORIES}
     rng = random.Random(seed)
-    band = [frechet_distance(features(pca, pool[rng.sample(range(len(pool)), len(generated))]), real)
+    band = [frechet_distance(features(pca, train_images[[rng.choice(pool[c]) for c in prompted]]), real)
             for _ in range(FD_BAND_DRAWS)]
     return {"frechet_distance": frechet_distance(features(pca, generated), real),
             "frechet_distance_real_train": float(np.mean(band)),
@@ -300,7 +308,7 @@ def evaluate_scenes(model_dir: str, output: str | None = None, grid: str | None 
         "image_to_text_accuracy_held_out_combinations": qa["held_out_combinations"],
         "editing_success": ed["success"], "editing": ed,
         "analyser_on_real_heldout": analyser_accuracy("test"),
-        **(fd_metrics(generated[: len(main)], seed) if len(main) > 1 else {}),
+        **(fd_metrics(generated[: len(main)], [c for c, _ in main], seed) if len(main) > 1 else {}),
         "n_questions": qa["n"], "n_generated": len(main), "n_generated_held_out_extra": len(extra),
         "n_edits": len(edits),
         "guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale, "head": head["name"],
