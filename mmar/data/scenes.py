@@ -79,6 +79,7 @@ class Obj:
 
     @property
     def name(self) -> str:
+        """How prompts and instructions name it ("red circle"; unique within a scene)."""
         return f"{self.colour} {self.kind}"
 
 
@@ -94,9 +95,6 @@ class Scene:
         in the held-out :func:`relation` to another object."""
         return any((o.colour, o.kind, relation(o, p)) in HELD_OUT_COMBINATIONS
                    for o in self.objects for p in self.objects if p is not o)
-
-    def find(self, colour: str, kind: str) -> Obj | None:
-        return next((o for o in self.objects if (o.colour, o.kind) == (colour, kind)), None)
 
 
 def scene_of(objects) -> Scene:
@@ -145,6 +143,7 @@ def relation(a: Obj, b: Obj) -> str | None:
 
 
 def where(o: Obj) -> str:
+    """Its cell in words, 1-based: "row 2 column 3"."""
     return f"row {o.row + 1} column {o.col + 1}"
 
 
@@ -155,6 +154,7 @@ def caption(scene: Scene) -> str:
 
 
 def plural(kind: str) -> str:
+    """"circle" -> "circles"."""
     return kind + "s"
 
 

@@ -95,7 +95,8 @@ def detect(image: Any) -> list[Detection]:
                 continue
             h, w = mask.shape
             cx, cy = box[1].start + (w - 1) / 2, box[0].start + (h - 1) / 2
-            row, col = (int(np.clip(v // CELL, 0, GRID - 1)) for v in (cy, cx))
+            # the cell whose centre is nearest (a real object's box centre sits half a pixel off its cell's)
+            row, col = (int(np.clip((v + 0.5) // CELL, 0, GRID - 1)) for v in (cy, cx))
             size = "large" if max(h, w) >= LARGE_SIDE else "small"
             found.append(Detection(Obj(shape_kind(mask), colour, size, row, col), cx, cy))
     return sorted(found, key=lambda d: (d.obj.row, d.obj.col, d.obj.name))
@@ -247,6 +248,7 @@ def fit_feature_extractor(seed: int = 0):
 
 
 def features(pca, images) -> np.ndarray:
+    """The FD features of RGB images (PIL or arrays): their pixels projected on the principal components."""
     return pca.transform(np.stack([_as_array(im).reshape(-1) for im in images]) / 255.0)
 
 
