@@ -327,7 +327,9 @@ class MMARPipeline(LoraLoaderMixin):
         :meth:`image_sizes` (default: the model picks, or the only size it has). ``sampling``: any
         :class:`GenerationDefaults` setting (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
         ``guidance_scale``, ``image_temperature``, ``num_inference_steps``, ``max_items``, ...); those left
-        out or ``None`` come from ``self.generation_config``."""
+        out or ``None`` come from ``self.generation_config``. Editing: an input image in ``images``, the
+        instruction as ``prompt``, ``mode="image"`` and ``image_guidance_scale`` (dual guidance, with
+        ``guidance_scale`` for the instruction; see :mod:`mmar.generation.branches`)."""
         out = self._run(self._request(prompt, self._media(images, audio, media), mode, generator, sampling,
                                       size=(height, width)))
         segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]

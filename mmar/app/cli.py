@@ -29,6 +29,8 @@ GENERATE_EXAMPLES = """examples:
   mmar generate --model runs/digits --prompt "draw the digit seven" --mode image --num 4 --output out/
   mmar generate --model runs/digits --prompt "which digit is this?" --image digit.png --mode text --temperature 0
   mmar generate --model runs/digits --prompt "a 3 and then a 4:" --guidance_scale 3
+  mmar generate --model runs/scenes --image in.png --prompt "make the circle blue" --mode image \
+      --guidance_scale 4 --image_guidance_scale 1.5
 
 Images go to OUTPUT/sample<i>_<k>.png, and OUTPUT/generation.json records the prompt, settings and outputs.
 """
@@ -47,7 +49,8 @@ DEMO_EXAMPLES = """examples:
   mmar demo --model runs/digits --host 0.0.0.0 --auth me:secret   # reachable from other machines: log in
 
 The demo has a Chat tab (upload images, streamed replies), a Generate tab (prompt, guidance scale,
-steps, seed, number of images) and the model's details. Needs the demo extra: pip install "mmar[demo]".
+steps, seed, number of images), an Edit tab (upload an image, instruct, get the edited image) and the
+model's details. Needs the demo extra: pip install "mmar[demo]".
 """
 
 
@@ -100,7 +103,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     paths = _media_paths(ns)
     items = {m: [pipe.load(m, path) for path in ps] for m, ps in paths.items()}  # clear error naming a bad file
     gens = [torch.Generator().manual_seed(ns.seed + i) for i in range(ns.num)]
-    settings = {k: getattr(ns, k) for k in ("guidance_scale", "temperature", "max_new_tokens", "num_inference_steps")}
+    settings = {k: getattr(ns, k) for k in ("guidance_scale", "image_guidance_scale", "temperature", "max_new_tokens",
+                                            "num_inference_steps")}
     out = pipe([ns.prompt] * ns.num, media={m: [x] * ns.num for m, x in items.items()}, mode=ns.mode,
                generator=gens, height=ns.height, width=ns.width, **settings)
     os.makedirs(ns.output, exist_ok=True)
@@ -334,7 +338,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--mode", default="auto", choices=_modes())
     p.add_argument("--num", type=_count(1), default=1, help="how many samples (one seed each)")
     p.add_argument("--seed", type=_count(0), default=0)
-    p.add_argument("--guidance_scale", type=float, default=None, help="CFG for images (default: the model's)")
+    p.add_argument("--guidance_scale", type=float, default=None,
+                   help="CFG for images; with --image_guidance_scale the instruction's scale (default: the model's)")
+    p.add_argument("--image_guidance_scale", type=float, default=None,
+                   help="editing: dual guidance, the input image's scale (InstructPix2Pix; default: off)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's setting)")
     p.add_argument("--max_new_tokens", type=int, default=None)
     p.add_argument("--num_inference_steps", type=int, default=None)

@@ -1,8 +1,10 @@
 """The Gradio demo: ``build_demo(pipeline) -> gr.Blocks`` and ``launch(demo)``.
 
 Tabs: **Chat** (text + image uploads, streamed replies, generated images inline), **Generate**
-(text-to-image with guidance scale, steps, seed and number of images) and **Model** (config summary,
-parameter count, limits). Endpoints for ``gradio_client``: ``/chat`` and ``/generate``.
+(text-to-image with guidance scale, steps, seed and number of images), **Edit** (upload an image, type
+an instruction, get the edited image: dual guidance with a text and an image scale) and **Model**
+(config summary, parameter count, limits). Endpoints for ``gradio_client``: ``/chat``, ``/generate``
+and ``/edit``.
 All events share one concurrency slot, so one request runs at a time (the model is shared); the queue
 is bounded. Every limit holds server-side, whatever a client sends: a remembered history ("remember
 earlier turns" is the client's choice) is capped in tokens (``max_context_tokens``), like the prompt,
@@ -114,7 +116,8 @@ def model_summary(pipe: MMARPipeline, limits: dict[str, Any] | None = None) -> s
         lines.append(f"| {m} tokenizer | `{spec.tokenizer.get('name')}` {tok}: {spec.num_tokens} tokens {size} "
                      f"per {m} |")
         lines.append(f"| {m} head | `{spec.head.get('name', 'diffusion')}` {head} |")
-    gen = ", ".join(f"{k.replace('_', ' ')} {'(head default)' if v is None else v}"
+    unset = {"image_guidance_scale": "off"}  # None means off here, the head's own setting elsewhere
+    gen = ", ".join(f"{k.replace('_', ' ')} {unset.get(k, '(head default)') if v is None else v}"
                     for k, v in vars(pipe.generation_config).items())
     lines += ["", f"**Generation defaults:** {gen}"]
     if limits:
@@ -305,6 +308,33 @@ class _Handlers:
                 for i, imgs in enumerate(out.images) if imgs]
 
 
+    @_client_errors
+    def edit(self, image: str | None, instruction: str, guidance_scale: float, image_guidance_scale: float,
+             num_inference_steps: float, seed: float, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        """Image editing: the uploaded ``image`` (a path) changed as ``instruction`` says, drawn with dual
+        guidance (``guidance_scale`` for the instruction, ``image_guidance_scale`` for the input image)
+        and ``seed``; returns the path of the edited image (shown scaled up)."""
+        if not image:
+            raise gr.Error("Upload an image to edit first.")
+        instruction = self._check_prompt(instruction)
+        if not instruction:
+            raise gr.Error("Type an instruction first, e.g. 'make the circle blue'.")
+        seed = int(seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise gr.Error(f"The seed must be between 0 and {MAX_SEED}, got {seed}.")
+        source = self._load(Image.modality, image, "the image")
+        try:
+            out = self.pipe(instruction, images=[source], mode=Image.modality, max_items=1,
+                            guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                            num_inference_steps=int(num_inference_steps),
+                            generator=[torch.Generator().manual_seed(seed)])
+        except (ValueError, TypeError) as e:
+            raise gr.Error(str(e)) from e
+        if not out.images[0]:
+            raise gr.Error("The model drew no image; try another seed.")
+        return _display(out.images[0][0], self._new_path(".png"))
+
+
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"8x12"`` -> ``(8, 12)``; nothing chosen -> ``(None, None)`` (the model's default)."""
     if not size:
@@ -371,6 +401,29 @@ def _generate_tab(h: _Handlers, max_prompt_chars: int, max_steps: int, max_image
     prompt.submit(h.generate, inputs, gallery, api_visibility="private", concurrency_id="model")
 
 
+def _edit_tab(h: _Handlers, max_prompt_chars: int, max_steps: int) -> None:
+    """The Edit tab: input image, instruction, the two guidance scales, steps, seed; endpoint ``/edit``."""
+    defaults = h.pipe.generation_config
+    head_steps = next((s.head.get("num_inference_steps") for s in h.pipe.model.config.modalities.values()), 50)
+    steps = int(defaults.num_inference_steps or head_steps or 50)
+    with gr.Row():
+        with gr.Column(scale=2):
+            source = gr.Image(type="filepath", label="image to edit", elem_id="edit-image", height=240)
+            instruction = gr.Textbox(label="instruction", max_length=max_prompt_chars, elem_id="edit-prompt",
+                                     placeholder="make the circle blue")
+            cfg = gr.Slider(1.0, 10.0, value=defaults.guidance_scale, step=0.5, label="text guidance scale")
+            img_cfg = gr.Slider(1.0, 5.0, value=defaults.image_guidance_scale or 1.5, step=0.1,
+                                label="image guidance scale", info="higher: closer to the input image")
+            n_steps = gr.Slider(1, max_steps, value=min(steps, max_steps), step=1, label="inference steps")
+            seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+            button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+        with gr.Column(scale=3):
+            result = gr.Image(label="edited image", elem_id="edit-result", format="png", height=360)
+    inputs = [source, instruction, cfg, img_cfg, n_steps, seed]
+    button.click(h.edit, inputs, result, api_name="edit", concurrency_id="model")
+    instruction.submit(h.edit, inputs, result, api_visibility="private", concurrency_id="model")
+
+
 def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars: int = 500, max_images: int = 8,
                max_steps: int = 100, queue_size: int = 16, chat_memory: bool = False,
                chat_examples: list[dict] | None = None, prompt_examples: list[str] | None = None,
@@ -389,6 +442,8 @@ def build_demo(pipe: MMARPipeline, *, max_new_tokens: int = 64, max_prompt_chars
             _chat_tab(h, max_new_tokens, chat_memory, chat_examples)
         with gr.Tab("Generate", visible=Image.modality in pipe.modalities):
             _generate_tab(h, max_prompt_chars, max_steps, max_images, prompt_examples)
+        with gr.Tab("Edit", visible=Image.modality in pipe.modalities):
+            _edit_tab(h, max_prompt_chars, max_steps)
         with gr.Tab("Model"):
             gr.Markdown(model_summary(pipe, limits), elem_id="model-info")
     demo.queue(max_size=queue_size, default_concurrency_limit=1)

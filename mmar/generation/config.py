@@ -54,7 +54,8 @@ class GenerationDefaults:
     temperature: float = 1.0  # of text tokens; 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    guidance_scale: float = 1.0  # classifier-free guidance of items; 1 = off
+    guidance_scale: float = 1.0  # classifier-free guidance of items; 1 = off (with dual guidance: the text's)
+    image_guidance_scale: float | None = None  # dual guidance (editing): the prompt's items' scale; None = off
     image_temperature: float = 1.0  # scales the heads' initial noise (or logits, for codebook heads)
     num_inference_steps: int | None = None  # None: the head's own setting
     max_items: int = 4  # images / audio clips per row
@@ -74,6 +75,8 @@ class GenerationDefaults:
         _number("image_temperature", self.image_temperature, 0.0)
         _number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _number("guidance_scale", self.guidance_scale)
+        if self.image_guidance_scale is not None:
+            _number("image_guidance_scale", self.image_guidance_scale)
         _integer("prefill_chunk_size", self.prefill_chunk_size, 0)
         self._check_cache()
 

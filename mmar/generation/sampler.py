@@ -8,7 +8,9 @@ the modality's head draws exactly N latents, each fed back through the input pro
 
 Classifier-free guidance runs an unconditional copy of every row in the same backbone call (rows
 ``B..2B``). Its attention mask hides the prompt: when its row opens an item, the copy sees only
-``BOS <|image_start|>`` and the item's own tokens — exactly what condition dropout trained on.
+``BOS <|image_start|>`` and the item's own tokens — exactly what condition dropout trained on. Dual
+guidance (``image_guidance_scale``, for editing) adds a third branch that sees the prompt's items (the
+input image) but not its text: rows ``B..2B`` see the items, ``2B..3B`` nothing (:mod:`.branches`).
 
 Each step (:meth:`Sampler.run`): ``snapshot`` (the one host sync of the step), ``forward`` (the backbone),
 ``step_sizes`` (rows that just opened an item of a modality with several sizes get its size marker: the
@@ -21,6 +23,7 @@ done) lives in tensors on the model's device, so rows of one batch can draw item
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -30,6 +33,7 @@ from transformers import DynamicCache, StaticCache
 
 from ..compat import CACHE
 from ..types import segment_modalities
+from .branches import branch_masks, branch_names
 from .config import GenerationDefaults
 from .logits import TextRows, build_processors, choose
 from .output import GenerationOutput, RowOutput, assemble
@@ -101,7 +105,11 @@ class Sampler:
         self.B, self.device = input_ids.shape[0], input_ids.device
         self.gens = _row_generators(generator, self.B)
         self.embed_tokens = model.get_input_embeddings()
-        self.cfg = settings.guidance_scale != 1.0 and mode != "text" and bool(self.t.names)
+        guided = (settings.guidance_scale != 1.0 or settings.image_guidance_scale is not None) and \
+            mode != "text" and bool(self.t.names)
+        self.branches = branch_names(guided, settings.image_guidance_scale)  # full [, items], none
+        self.n_branch, self.cfg = len(self.branches), guided
+        self._check_dual_heads()
         self.processors = build_processors(settings, ban_mask=self.t.ban_mask, start_ids=self.t.start_ids,
                                            eos=self.t.eos, text_only=mode == "text")
         self.limit = settings.max_new_tokens + settings.max_items * (self.t.longest_item + 2) + 1
@@ -157,16 +165,10 @@ class Sampler:
         """Mask, positions (and, without a cache, embeddings) preallocated for the whole limit."""
         B, P = input_ids.shape
         mask, embeds = attention_mask.long(), self.model.embed(input_ids, values)
-        if self.cfg:  # the unconditional copy sees BOS and an already-open item only
-            first = mask.argmax(-1)
-            umask = torch.zeros_like(mask)
-            if self.t.bos is not None:
-                umask[torch.arange(B), first] = (input_ids[torch.arange(B), first] == self.t.bos).long()
-            self.bos_only = umask.clone()
-            umask[:, -1] = torch.where(self.item >= 0, 1, umask[:, -1])
-            if P > 1:  # an item opened with its marker: the copy sees the start token too
-                umask[:, -2] = torch.where(self.opened_sized, 1, umask[:, -2])
-            mask, embeds = torch.cat([mask, umask]), torch.cat([embeds, embeds])
+        if self.cfg:  # the guidance copies see BOS (the items branch: the prompt's items) and an open item
+            masks = branch_masks(input_ids, mask, self.t, self.branches, self.item >= 0, self.opened_sized)
+            self.reset = masks.reset  # what each guidance row sees of the prompt once its row opens an item
+            mask, embeds = masks.prompt, embeds.repeat(self.n_branch, 1, 1)
         R, width = mask.shape[0], P + self.limit
         self.mask = torch.zeros(R, width, dtype=torch.long, device=self.device)
         self.mask[:, :P] = mask
@@ -251,7 +253,22 @@ class Sampler:
         return out.hidden_states[:, -1]
 
     def _branches(self, h):
-        return (h[:self.B], h[self.B:]) if self.cfg else (h, None)
+        """The conditional rows' hidden states and the guidance branches' (``None``; a tensor; or the
+        ``(items, none)`` pair of dual guidance), each ``[B, hidden]``."""
+        if not self.cfg:
+            return h, None
+        hs = h.unflatten(0, (self.n_branch, self.B)).unbind(0)
+        return hs[0], hs[1] if self.n_branch == 2 else hs[1:]
+
+    def _check_dual_heads(self) -> None:
+        """Dual guidance needs heads whose ``sample`` takes ``image_guidance_scale``."""
+        if self.n_branch < 3:
+            return
+        for m in self.t.start_of.values():
+            head = self.model.heads[m]
+            if "image_guidance_scale" not in inspect.signature(head.sample).parameters:
+                raise ValueError(f"image_guidance_scale: the {m} head ({type(head).__name__}) has no dual "
+                                 "guidance; leave image_guidance_scale unset")
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -270,10 +287,12 @@ class Sampler:
             # a sized item's tokens are numbered by cell, row * width + column (as in training)
             cell = torch.where(self.t.marked[mi], (k // cols) * self.t.width[mi] + k % cols, k)
             gens = [self.gens[b] for b in rows] if isinstance(self.gens, list) else self.gens
-            lat = self.model.heads[m].sample(hc[idx], uncond=hu[idx] if self.cfg else None,
-                                             guidance_scale=self.s.guidance_scale,
+            uncond = None if hu is None else hu[idx] if self.n_branch == 2 else tuple(u[idx] for u in hu)
+            dual = {"image_guidance_scale": self.s.image_guidance_scale} if self.n_branch == 3 else {}
+            lat = self.model.heads[m].sample(hc[idx], uncond=uncond, guidance_scale=self.s.guidance_scale,
                                              temperature=self.s.image_temperature,
-                                             num_inference_steps=self.s.num_inference_steps, generator=gens)
+                                             num_inference_steps=self.s.num_inference_steps, generator=gens,
+                                             **dual)
             step.embed[idx] = self.model.embed_values(m, lat, index=cell).to(step.embed.dtype)
             step.ids[idx], step.cond[idx], step.uncond[idx] = self.t.ph[mi], 1, 1
             self.k[idx] += 1
@@ -363,18 +382,22 @@ class Sampler:
             self._forget_prompt(idx, start)
 
     def _forget_prompt(self, idx, start) -> None:
-        """The unconditional copy of a row that opens an item forgets everything but BOS."""
-        u, L, P = idx + self.B, self.length, self.prompt_length
-        reset = torch.zeros(len(idx), L, dtype=self.mask.dtype, device=self.device)
-        reset[:, :P] = self.bos_only[idx]
+        """The guidance copies of a row that opens an item forget everything but BOS (the items branch:
+        BOS and the prompt's items)."""
+        L, P, n = self.length, self.prompt_length, self.n_branch - 1
+        u = torch.cat([idx + (j + 1) * self.B for j in range(n)])  # the copies' rows
+        seen = torch.cat([self.reset[idx + j * self.B] for j in range(n)])
+        start = start.repeat(n)
+        reset = torch.zeros(len(u), L, dtype=self.mask.dtype, device=self.device)
+        reset[:, :P] = seen
         self.mask[u, :L] = torch.where(start[:, None], reset, self.mask[u, :L])
-        self.count[u] = torch.where(start, self.bos_only[idx].sum(-1), self.count[u])
+        self.count[u] = torch.where(start, seen.sum(-1), self.count[u])
 
     def advance(self, step: _Step) -> None:
         """Write the new column into the preallocated mask and positions."""
         L = self.length
-        cols = torch.cat([step.cond, step.uncond]) if self.cfg else step.cond
-        embeds = torch.cat([step.embed, step.embed]) if self.cfg else step.embed
+        cols = torch.cat([step.cond, *[step.uncond] * (self.n_branch - 1)]) if self.cfg else step.cond
+        embeds = step.embed.repeat(self.n_branch, 1) if self.cfg else step.embed
         self.mask[:, L] = cols
         self.count += cols
         self.pos[:, L] = (self.count - 1).clamp(min=0)
@@ -395,7 +418,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, value
     ``image_temperature``, ``num_inference_steps``, ``max_items``, ``min_new_tokens``, ``use_cache``) come
     from ``config`` (a :class:`GenerationDefaults`, default: its defaults) updated with the keyword
     arguments given; bad values raise a ``ValueError`` naming them. ``temperature=0`` is greedy,
-    ``guidance_scale`` > 1 turns classifier-free guidance on.
+    ``guidance_scale`` > 1 turns classifier-free guidance on; ``image_guidance_scale`` (editing) turns
+    dual guidance on: three branches, the prompt's items' scale next to ``guidance_scale`` for its text.
 
     ``mode``: ``"auto"`` lets the model choose; ``"text"`` forbids items; a modality's name (image,
     audio, ...) expects the prompt to end with that modality's start token (``start_modality`` in the processor).

@@ -37,6 +37,7 @@ class TokenTables:
     marker_cols: torch.Tensor  # [vocab] grid columns of that item
     marker_of: dict[str, dict[tuple[int, int], int]]  # modality -> (height, width) -> marker id
     size_of: dict[int, tuple[int, int]]  # marker id -> (height, width)
+    item_token: torch.Tensor  # [vocab] True for every item's own tokens: start, placeholder, end, size marker
 
     @property
     def longest_item(self) -> int:
@@ -75,13 +76,17 @@ def token_tables(model, mode: str, eos_token_id: int | None, suppress_ids: list[
         return torch.tensor(values, dtype=torch.long, device=device)
 
     markers = _marker_tables(mods, names, vocab, device)
+    item_token = torch.zeros(vocab, dtype=torch.bool, device=device)
+    item_ids = [s.token_ids[k] for s in mods.values() for k in ("start", "token", "end")]
+    item_ids += [t for s in mods.values() for t in s.size_token_ids or []]
+    item_token[[t for t in item_ids if 0 <= t < vocab]] = True
 
     return TokenTables(
         names=names, start_of=start_of, start_ids=per_mod(list(start_of)), start_mod=start_mod,
         ph=per_mod([mods[m].token_ids["token"] for m in names]),
         end=per_mod([mods[m].token_ids["end"] for m in names]),
         n_tokens=per_mod([mods[m].num_tokens for m in names]),
-        eos=eos, pad=pad, bos=bos, ban_mask=ban_mask, **markers)
+        eos=eos, pad=pad, bos=bos, ban_mask=ban_mask, item_token=item_token, **markers)
 
 
 def _marker_tables(mods, names: list[str], vocab: int, device) -> dict:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Head, register_head
+from .guidance import guide
 
 
 @register_head("codebook")
@@ -26,9 +27,15 @@ class CodebookHead(Head):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-               temperature: float = 1.0, generator=None, top_k: int | None = None, **_) -> torch.Tensor:
+               temperature: float = 1.0, generator=None, top_k: int | None = None,
+               image_guidance_scale: float | None = None, **_) -> torch.Tensor:
+        """One code per row of ``cond``; guidance (single, or dual with ``uncond = (image_only, none)``)
+        on the logits (:mod:`.guidance`)."""
         logits = self.net(cond).float()
-        if uncond is not None:
+        if isinstance(uncond, (tuple, list)):  # dual guidance: (image_only, none)
+            logits = guide(torch.cat([logits, *(self.net(u).float() for u in uncond)]), 3, guidance_scale,
+                           image_guidance_scale)
+        elif uncond is not None:
             u = self.net(uncond).float()
             logits = u + guidance_scale * (logits - u)
         if temperature == 0:

@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .base import Head, register_head
+from .guidance import guidance_rows, guide
 
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT / MAR
 MAX_PERIOD = 10_000
@@ -173,11 +174,12 @@ class DiffusionHead(Head):
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
                temperature: float = 1.0, num_inference_steps: int | None = None,
                generator: torch.Generator | list[torch.Generator] | None = None,
-               scheduler: str | None = None) -> torch.Tensor:
+               scheduler: str | None = None, image_guidance_scale: float | None = None) -> torch.Tensor:
         """Draw one token per row of ``cond``.
 
         With ``uncond`` (the unconditional branch's hidden states), classifier-free guidance
-        mixes the two predictions, ``u + s * (c - u)``, computed on the same noisy sample.
+        mixes the two predictions, ``u + s * (c - u)``, computed on the same noisy sample; with
+        ``uncond = (image_only, none)`` dual guidance adds ``image_guidance_scale`` (:mod:`.guidance`).
         ``temperature`` scales the initial noise (and the per-step noise of stochastic samplers).
         ``generator`` may be a list with one generator per row (diffusers' convention).
         """
@@ -187,20 +189,17 @@ class DiffusionHead(Head):
         n, dtype = cond.shape[0], cond.dtype
         x = randn_tensor((n, self.token_dim), generator=generator, device=cond.device, dtype=dtype)
         x = x * temperature * sched.init_noise_sigma
-        cfg = uncond is not None
-        c = self.net.cond_embed(torch.cat([cond, uncond]) if cfg else cond)
+        rows, branches = guidance_rows(cond, uncond)
+        c = self.net.cond_embed(rows)
         # every step's AdaLN modulations in one batched call per layer: [steps, rows, ...]
         steps = sched.timesteps.to(cond.device)
         t_emb = self.net.time_embed(timestep_features(steps).to(c.dtype))
         mods = self.net.per_step(self.net.modulations(t_emb[:, None, :] + c[None]))
         step_params = inspect.signature(sched.step).parameters
         for i, t in enumerate(sched.timesteps):
-            xin = torch.cat([x, x]) if cfg else x
+            xin = x.repeat(branches, 1) if branches > 1 else x
             xin = xin if linear else sched.scale_model_input(xin, t)  # DDIM's is the identity
-            out = self.net.denoise(xin, mods[i])
-            if cfg:
-                oc, ou = out.chunk(2)
-                out = torch.lerp(ou, oc, guidance_scale)  # u + s * (c - u)
+            out = guide(self.net.denoise(xin, mods[i]), branches, guidance_scale, image_guidance_scale)
             if linear:
                 a, b = linear[i]
                 x = torch.add(x * a, out, alpha=b)

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .base import Head, register_head
 from .diffusion import SimpleMLPAdaLN, timestep_features
+from .guidance import guidance_rows, guide
 
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, the range the sinusoidal features were made for
 TIME_SAMPLING = ("logit_normal", "uniform")
@@ -67,27 +68,27 @@ class FlowHead(Head):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
                temperature: float = 1.0, num_inference_steps: int | None = None,
-               generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+               generator: torch.Generator | list[torch.Generator] | None = None,
+               image_guidance_scale: float | None = None) -> torch.Tensor:
         """Draw one token per row of ``cond`` by Euler integration of the learned velocity.
 
         With ``uncond`` (the unconditional branch's hidden states), classifier-free guidance mixes the
-        two velocities, ``u + s * (c - u)``. ``temperature`` scales the initial noise. ``generator`` may be
+        two velocities, ``u + s * (c - u)``; with ``uncond = (image_only, none)`` dual guidance adds
+        ``image_guidance_scale`` (:mod:`.guidance`). ``temperature`` scales the initial noise. ``generator`` may be
         a list with one generator per row (diffusers' convention).
         """
         steps = num_inference_steps or self.num_inference_steps
         ts = self.time_grid(steps, cond.device)
         n, dtype = cond.shape[0], cond.dtype
         x = temperature * randn_tensor((n, self.token_dim), generator=generator, device=cond.device, dtype=dtype)
-        cfg = uncond is not None
-        c = self.net.cond_embed(torch.cat([cond, uncond]) if cfg else cond)
+        rows, branches = guidance_rows(cond, uncond)
+        c = self.net.cond_embed(rows)
         # the condition is fixed: every step's AdaLN modulations in one batched call per layer
         t_emb = self.net.time_embed(timestep_features(ts[:-1] * TIME_SCALE).to(c.dtype))
         mods = self.net.per_step(self.net.modulations(t_emb[:, None, :] + c[None]))
         dts = (ts[1:] - ts[:-1]).tolist()  # negative: t runs from 1 to 0
         for i, dt in enumerate(dts):
-            v = self.net.denoise(torch.cat([x, x]) if cfg else x, mods[i])
-            if cfg:
-                vc, vu = v.chunk(2)
-                v = torch.lerp(vu, vc, guidance_scale)  # u + s * (c - u)
+            v = self.net.denoise(x.repeat(branches, 1) if branches > 1 else x, mods[i])
+            v = guide(v, branches, guidance_scale, image_guidance_scale)
             x = torch.add(x, v, alpha=dt)
         return x
