@@ -294,3 +294,33 @@ def test_demo_edit_handler(pipe, digits, tmp_path):
         h.edit(str(src), "  ", 2.0, 1.5, 4, 0)
     with pytest.raises(gr.Error, match="at most 40"):
         h.edit(str(src), "x" * 41, 2.0, 1.5, 4, 0)
+
+
+def test_demo_serves_the_edit_endpoint(pipe, digits, tmp_path, monkeypatch):
+    """The Edit tab's /edit endpoint over gradio_client: an uploaded image in, the edited image out."""
+    pytest.importorskip("gradio")
+    gradio_client = pytest.importorskip("gradio_client")
+    import socket
+
+    from mmar.demo import build_demo, launch
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    src = tmp_path / "in.png"
+    PILImage.fromarray(digits[0]).save(src)
+    demo = build_demo(pipe, max_new_tokens=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "dl"))
+        api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/edit"]
+        assert [p["parameter_name"] for p in api["parameters"]] == [
+            "image", "instruction", "guidance_scale", "image_guidance_scale", "num_inference_steps", "seed"]
+        path = client.predict(gradio_client.handle_file(str(src)), EDIT, 2.0, 1.5, 4, 3, api_name="/edit")
+    finally:
+        demo.close()
+    want = pipe(EDIT, images=[str(src)], mode="image", max_items=1, guidance_scale=2.0, image_guidance_scale=1.5,
+                num_inference_steps=4, generator=[torch.Generator().manual_seed(3)]).images[0][0]
+    shown = PILImage.open(path)
+    assert list(shown.resize(want.size, PILImage.NEAREST).convert(want.mode).getdata()) == list(want.getdata())

@@ -66,7 +66,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from ..eval import evaluate
 
     sizes = {k: getattr(ns, k) for k in ("per_digit", "num_prompts", "num_qa_scenes", "num_edits", "data_files",
-                                         "max_samples") if getattr(ns, k) is not None}
+                                         "max_samples", "image_guidance_scale") if getattr(ns, k) is not None}
     metrics = evaluate(ns.task, ns.model, output=ns.output, grid=ns.grid, guidance_scale=ns.guidance_scale,
                        image_temperature=ns.image_temperature, num_inference_steps=ns.num_inference_steps,
                        seed=ns.seed, **sizes)
@@ -311,6 +311,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--output", help="write the metrics here as JSON")
     p.add_argument("--grid", help="write the generated images here as a PNG grid (default: next to --output)")
     p.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (default: the model's setting)")
+    p.add_argument("--image_guidance_scale", type=float, default=None,
+                   help="scenes: dual guidance of the edits, the input image's scale (default: off)")
     p.add_argument("--image_temperature", type=float, default=None,
                    help="the diffusion head's sampling temperature (default: the model's setting)")
     p.add_argument("--num_inference_steps", type=int, default=None)
