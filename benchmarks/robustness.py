@@ -7,7 +7,8 @@
    each in two rounds (the scenario of tests/robustness/test_demo_load.py), RSS of the server measured;
 4. hostile inputs (issue 10): the regression tests of tests/robustness/test_inputs*.py (bombs, 16-bit /
    EXIF / transparent images, tiny WAV rates, over-long prompts and histories, too many items, CLI errors,
-   server paths), and the worst client a demo with the CLI's default limits may have: ``--worst_rounds``
+   server paths) and tests/robustness/test_training_hardening.py (planted pickles, bad / small / empty data,
+   NaN gradients, incomplete checkpoints, a full disk), and the worst client a demo with the CLI's default limits may have: ``--worst_rounds``
    rounds of the costliest requests it may send, the server's peak RSS over its idle RSS measured against
    the documented bound (``WORST_CLIENT_RSS_MB``).
 
@@ -40,12 +41,20 @@ FUZZ_WHAT = {"image inputs": "image inputs (arrays of any shape, NaN / inf tenso
              "jsonl records": "JSONL training records (broken JSON, wrong shapes, missing images)",
              "image files": "image files (bomb headers, 16-bit levels, alpha onto white, EXIF orientations)",
              "audio files": "WAV files (declared rates 1 Hz - 1 MHz, any length; memory while preprocessing)",
-             "prompt sizes": "prompt sizes (up to 30k repeated characters, emoji, 0-60 images) vs positions"}
+             "prompt sizes": "prompt sizes (up to 30k repeated characters, emoji, 0-60 images) vs positions",
+             "training data": "training data (0-6 good records, 0-12 bad or over-long ones, batch 1-8, accumulation, "
+                              "streaming, clipping off) through `mmar train`",
+             "checkpoint files": "damaged checkpoints (truncated, random bytes, pickle payloads, deleted files, "
+                                 "edited JSON) resumed with `latest`"}
 FUZZ_TESTS = {"test_image_tokenizer_and_sequence_builder": "image inputs", "test_corrupt_files_name_the_file":
               "corrupt files", "test_text_and_roles": "texts and roles", "test_jsonl_loader_skips_and_counts":
               "jsonl records", "test_image_files_decode_within_limits_and_convert_right": "image files",
               "test_audio_files_cost_what_a_clip_keeps": "audio files",
-              "test_prompt_sizes_and_item_counts": "prompt sizes"}
+              "test_prompt_sizes_and_item_counts": "prompt sizes",
+              "test_training_data_of_any_size_and_quality": "training data",
+              "test_damaged_checkpoints_never_run_code": "checkpoint files"}
+HOSTILE_TESTS = ["tests/robustness/test_inputs.py", "tests/robustness/test_inputs_demo.py",
+                 "tests/robustness/test_training_hardening.py"]  # the last: training's items 1, 3-5, 8, 11
 RECORDS, BATCH = 40, 8  # the kill-and-resume trials' chat records and batch size
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -137,8 +146,8 @@ def inputs(select: str = "not worst_client") -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "inputs.xml")
-        cmd = [sys.executable, "-m", "pytest", "tests/robustness/test_inputs.py", "tests/robustness/test_inputs_demo.py",
-               "-q", "-p", "no:cacheprovider", "-k", select, f"--junitxml={report}"]
+        cmd = [sys.executable, "-m", "pytest", *HOSTILE_TESTS, "-q", "-p", "no:cacheprovider", "-k", select,
+               f"--junitxml={report}"]
         start = time.time()
         res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
         if not os.path.isfile(report):
@@ -189,7 +198,9 @@ def table(f: dict, k: dict, ld: dict, fuzz_examples: int, hi: dict | None = None
     if hi is not None:
         rows.append(f"| hostile inputs (issue 10): decompression bombs, 16-bit / EXIF / transparent images, 1 Hz WAVs, "
                     f"over-long prompts and remembered histories, 50 images, CLI user errors, server paths in "
-                    f"messages | {hi['passed'] + hi['failed']} regression tests | **{hi['passed']} passed, "
+                    f"messages; training: pickle payloads planted in checkpoints, only bad records, empty and "
+                    f"too small data sets, NaN / inf gradients, max_grad_norm 0, truncated newest checkpoint, "
+                    f"another run's output_dir, a full disk mid-checkpoint | {hi['passed'] + hi['failed']} regression tests | **{hi['passed']} passed, "
                     f"{hi['failed']} failed** ({hi['seconds']:.0f} s) |")
     if w is not None:
         grew = w["peak_mb"] - w["idle_mb"]

@@ -109,12 +109,14 @@ class Collator:
     would be taken before a checkpoint for a batch trained after it, and a resumed run would differ.
 
     Bad samples (unreadable records, rejected images, reserved tokens in text) are skipped and
-    counted in ``skipped``, with the first reasons in ``reasons``. With ``pack_length`` samples are
-    packed into rows of that many tokens (:meth:`MMARProcessor.pack`) instead of padded."""
+    counted in ``skipped``, with the first reasons in ``reasons``; so are samples longer than
+    ``max_length`` tokens (0: no limit) or, when packing, than ``pack_length``. With ``pack_length`` samples
+    are packed into rows of that many tokens (:meth:`MMARProcessor.pack`) instead of padded."""
 
     def __init__(self, processor: MMARProcessor, cond_dropout_prob: float = 0.0, pack_length: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, max_length: int = 0):
         self.processor, self.p, self.pack_length = processor, cond_dropout_prob, pack_length
+        self.max_length = max_length
         self.seed, self.epoch, self._calls = seed, 0, 0
         self.skipped, self.reasons = 0, []
 
@@ -137,13 +139,14 @@ class Collator:
                 self.skipped += 1
                 if len(self.reasons) < 3:
                     self.reasons.append(str(e))
-        if self.pack_length:
-            keep = [e for e in enc if len(e) <= self.pack_length]
-            for _ in range(len(enc) - len(keep)):
-                self.skipped += 1
-                if len(self.reasons) < 3:
-                    self.reasons.append(f"sample longer than max_length={self.pack_length}")
-            enc = keep
+        limit = self.pack_length or self.max_length
+        if limit:
+            for e in enc:
+                if len(e) > limit:
+                    self.skipped += 1
+                    if len(self.reasons) < 3:
+                        self.reasons.append(f"sample longer than max_length={limit} ({len(e)} tokens)")
+            enc = [e for e in enc if len(e) <= limit]
         if not enc:
             return None
         if self.pack_length:

@@ -110,7 +110,9 @@ class TrainingArguments:
     sample_steps: int = 0
     """Write a sample grid every N steps (0: only at the end)."""
     resume_from_checkpoint: str | None = None
-    """A checkpoint directory, or ``latest``."""
+    """A checkpoint directory, or ``latest`` (the newest complete one under ``output_dir``)."""
+    overwrite_output_dir: bool = False
+    """A fresh run into an ``output_dir`` that holds another run's checkpoints removes them (else: an error)."""
     num_threads: int = 0
     """torch intra-op threads (0: torch's default)."""
     progress: bool = True

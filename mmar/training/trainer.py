@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from ..sequence import MMARProcessor
 from ..tokenizers import add_modality_tokens, build_tokenizer, train_bpe_tokenizer
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .checkpoints import (  # noqa: F401 - CHECKPOINTS, checkpoint_dirs stay importable from here
-    CHECKPOINTS, checkpoint_dirs, read_trainer_state, resolve_checkpoint, save_checkpoint)
+    CHECKPOINTS, TrainingState, checkpoint_dirs, load_training_state, publish_directory, resolve_checkpoint,
+    save_checkpoint)
 from .data import Collator, SafeDataset, build_dataset
 from .evaluation import check_eval_arguments, finish_eval, held_out_data, make_evaluator, run_eval
 from .pictures import plot_loss_curve, preview_grid
@@ -131,6 +133,7 @@ class Run:
     tokens: int = 0
     skipped_before: int = 0
     bad_in_a_row: int = 0
+    bad_steps: int = 0  # batches skipped for a NaN / inf loss or gradient, in all
     grad_norm: Any = None
     start: float = field(default_factory=time.time)
     bar: Any = None
@@ -204,11 +207,14 @@ def sharded(acc: Accelerator) -> bool:
 
 
 def make_data(dargs: DataArguments, targs: TrainingArguments):
-    """The training dataset (indexed or streamed) and whether it is a stream."""
+    """The training dataset (indexed or streamed) and whether it is a stream; an empty one is an error."""
     dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image,
                             shift_prob=dargs.shift_prob, data_files=dargs.data_files, streaming=dargs.streaming,
                             shuffle_buffer=dargs.shuffle_buffer)
-    return dataset, getattr(dataset, "is_stream", False)
+    stream = getattr(dataset, "is_stream", False)
+    if not stream and len(dataset) == 0:
+        raise ValueError(f"{data_name(dargs)}: no records (an empty file?)")
+    return dataset, stream
 
 
 def make_loader(dataset, stream: bool, collator: Collator, dargs: DataArguments,
@@ -220,19 +226,63 @@ def make_loader(dataset, stream: bool, collator: Collator, dargs: DataArguments,
                       generator=torch.Generator().manual_seed(targs.seed))
 
 
+def data_name(dargs: DataArguments) -> str:
+    """The data as a user named it: the file(s), or the built-in dataset."""
+    files = dargs.data_files
+    return ", ".join(files) if isinstance(files, (list, tuple)) else files or f"dataset {dargs.dataset!r}"
+
+
+def check_batches(dataset, stream: bool, loader, dargs: DataArguments, targs: TrainingArguments) -> None:
+    """An indexed dataset must give at least one optimizer step an epoch (``drop_last`` keeps full batches)."""
+    if stream:
+        return
+    if len(loader) // targs.gradient_accumulation_steps == 0:
+        raise ValueError(f"{data_name(dargs)}: {len(dataset)} record(s) make {len(loader)} full batch(es) of "
+                         f"{targs.batch_size} a process, and one optimizer step takes "
+                         f"{targs.gradient_accumulation_steps}; lower --batch_size (or --gradient_accumulation_steps) "
+                         "or add records")
+
+
+def sample_limit(model, dargs: DataArguments, acc: Accelerator) -> int:
+    """The longest sample trained: ``max_length``, never past the backbone's positions (longer samples are
+    dropped and counted by the collator)."""
+    positions = getattr(model.config.backbone_config, "max_position_embeddings", None) or dargs.max_length
+    if dargs.max_length > positions:
+        acc.print(f"mmar: max_length {dargs.max_length} is past the backbone's {positions} positions; samples "
+                  f"longer than {positions} tokens are dropped")
+    return min(dargs.max_length, positions)
+
+
+def prepare_output_dir(acc: Accelerator, targs: TrainingArguments) -> None:
+    """A fresh run (no ``resume_from_checkpoint``) into a directory holding another run's checkpoints refuses
+    to mix them in, unless ``overwrite_output_dir`` (which removes them)."""
+    old = checkpoint_dirs(targs.output_dir)
+    if targs.resume_from_checkpoint or not old:
+        return
+    if not targs.overwrite_output_dir:
+        raise ValueError(f"{targs.output_dir}: holds another run's checkpoints ({', '.join(map(os.path.basename, old))}); "
+                         "resume it with --resume_from_checkpoint latest, choose another --output_dir, or pass "
+                         "--overwrite_output_dir true to start over (removes them)")
+    if acc.is_main_process:
+        shutil.rmtree(os.path.join(targs.output_dir, CHECKPOINTS))
+    acc.wait_for_everyone()
+
+
 def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> Run:
     """Accelerator, data, model, optimizer and schedule, prepared; EMA if asked."""
     acc = make_accelerator(targs)
+    prepare_output_dir(acc, targs)
     set_seed(targs.seed)
     dataset, stream = make_data(dargs, targs)
     dataset, held_out = held_out_data(dataset, dargs, targs)  # an eval_split is left out of training
     model, processor = build_everything(margs, dataset)
+    max_length = sample_limit(model, dargs, acc)
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
     if targs.torch_compile:
         acc.print(f"mmar: torch.compile: {compile_blocks(model)} decoder layers (inductor)")
-    collator = Collator(processor, margs.cond_dropout_prob, pack_length=dargs.max_length if dargs.packing else 0,
-                        seed=targs.seed)
+    collator = Collator(processor, margs.cond_dropout_prob, pack_length=max_length if dargs.packing else 0,
+                        seed=targs.seed, max_length=max_length)
     loader = make_loader(dataset, stream, collator, dargs, targs)
     opt = make_optimizer(param_groups(model, targs.weight_decay), targs.learning_rate, targs.adam_beta2)
     # accelerate steps a prepared schedule once per process at each optimizer step (its convention for
@@ -240,8 +290,12 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     n = acc.num_processes
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, targs.warmup_steps * n, targs.max_steps * n,
                                                         min_lr_rate=targs.min_lr_ratio)
-    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)
-    acc.register_for_checkpointing(sched)
+    model, opt, loader, sched = acc.prepare(model, opt, loader, sched)  # checkpoints: .checkpoints, never pickle
+    check_batches(dataset, stream, loader, dargs, targs)
+    if sharded(acc) and (targs.save_steps or targs.resume_from_checkpoint):
+        raise ValueError("save_steps / resume_from_checkpoint: checkpoints of sharded (FSDP / ZeRO-3) weights are "
+                         "not supported (mmar writes safetensors + JSON only, never accelerate's pickles); train "
+                         "with --save_steps 0, or with DDP / DeepSpeed ZeRO-2")
     ema = None
     if targs.ema_decay and sharded(acc):
         raise ValueError("ema_decay: an EMA copy of sharded (FSDP / ZeRO-3) weights is not supported; "
@@ -251,7 +305,6 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
 
         ema = AveragedModel(acc.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(targs.ema_decay),
                             use_buffers=True)
-        acc.register_for_checkpointing(ema)
     os.makedirs(targs.output_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {'streamed' if stream else len(dataset)} samples"
@@ -266,8 +319,7 @@ def resume(run: Run, targs: TrainingArguments) -> None:
     fresh log."""
     ckpt = resolve_checkpoint(targs.output_dir, targs.resume_from_checkpoint)
     if ckpt:
-        run.acc.load_state(ckpt)
-        state = read_trainer_state(ckpt)
+        state = load_training_state(run.acc, ckpt, TrainingState(run.model, run.opt, run.sched, run.ema))
         run.step, run.stream_epoch, run.stream_batches = state["step"], state.get("epoch", 0), state.get("batches", 0)
         if run.evaluator is not None:
             run.evaluator.load_state(state)  # the best eval so far, the evals without improvement
@@ -283,23 +335,49 @@ def train_step(run: Run, batch: dict, targs: TrainingArguments):
     with acc.accumulate(model):
         out = model(**batch)
         if not finite_everywhere(acc, out.loss):
-            run.bad_in_a_row += 1
-            run.opt.zero_grad(set_to_none=True)
-            if run.bad_in_a_row >= targs.max_bad_steps:
-                raise FloatingPointError(
-                    f"{run.bad_in_a_row} steps in a row had a NaN / inf loss (last at step {run.step + 1}); "
-                    "stopping. Lower the learning rate, check the data, or resume from a checkpoint.")
-            warnings.warn(f"step {run.step + 1}: loss is {out.loss.item()}; skipping this batch "
-                          f"({run.bad_in_a_row} in a row, the run stops at {targs.max_bad_steps})")
-            return None
-        run.bad_in_a_row = 0
+            return skip_bad_batch(run, targs, f"loss is {out.loss.item()}")
         acc.backward(out.loss)
-        if acc.sync_gradients and targs.max_grad_norm:
-            run.grad_norm = acc.clip_grad_norm_(model.parameters(), targs.max_grad_norm)
+        if acc.sync_gradients:
+            run.grad_norm = gradient_norm(run, targs)
+            if checks_gradients(acc) and run.grad_norm is not None and not finite_everywhere(acc, run.grad_norm):
+                return skip_bad_batch(run, targs, f"gradient norm is {float(run.grad_norm)} (loss {out.loss.item():.4g})")
+            run.bad_in_a_row = 0
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
     return out
+
+
+def gradient_norm(run: Run, targs: TrainingArguments):
+    """The total gradient norm, clipped to ``max_grad_norm`` when it is set (measured without clipping when
+    it is 0); None where DeepSpeed keeps the gradients (it clips them itself)."""
+    if targs.max_grad_norm:
+        return run.acc.clip_grad_norm_(run.model.parameters(), targs.max_grad_norm)
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def checks_gradients(acc: Accelerator) -> bool:
+    """Whether a NaN / inf gradient norm skips the step here: not with an fp16 gradient scaler (it skips
+    those steps itself and lowers its scale), nor under DeepSpeed (its engine has stepped already)."""
+    from accelerate.utils import DistributedType
+
+    return acc.scaler is None and acc.distributed_type != DistributedType.DEEPSPEED
+
+
+def skip_bad_batch(run: Run, targs: TrainingArguments, what: str) -> None:
+    """A NaN / inf loss or gradient: drop the batch's gradients, count it, warn; ``max_bad_steps`` in a row
+    stop the run. (With an fp16 gradient scaler, inf gradients are the scaler's to skip.)"""
+    run.bad_in_a_row += 1
+    run.bad_steps += 1
+    run.opt.zero_grad(set_to_none=True)
+    if run.bad_in_a_row >= targs.max_bad_steps:
+        raise FloatingPointError(
+            f"{run.bad_in_a_row} steps in a row had a NaN / inf loss or gradient (last at step {run.step + 1}: "
+            f"{what}); stopping. Lower the learning rate, check the data, or resume from a checkpoint.")
+    warnings.warn(f"step {run.step + 1}: {what}; skipping this batch ({run.bad_in_a_row} in a row, the run "
+                  f"stops at {targs.max_bad_steps}; {run.bad_steps} skipped in all)")
+    return None
 
 
 def log_step(run: Run, out, targs: TrainingArguments) -> None:
@@ -311,6 +389,7 @@ def log_step(run: Run, out, targs: TrainingArguments) -> None:
            **{f"{m}_loss": v for m, v in zip(out.modality_losses, parts[2:])},
            "lr": run.sched.get_last_lr()[0],
            "grad_norm": None if run.grad_norm is None else float(run.grad_norm),  # DeepSpeed may not say
+           "skipped_steps": run.bad_steps,
            "elapsed_s": round(elapsed, 2), "tokens_per_s": round(run.tokens / elapsed)}
     run.postfix.update(loss=f"{row['loss']:.3f}", text=f"{row['text_loss']:.3f}")
     run.bar.set_postfix(run.postfix)
@@ -337,7 +416,8 @@ def after_step(run: Run, out, targs: TrainingArguments, epoch: int, read: int) -
     if targs.save_steps and step % targs.save_steps == 0 and step < targs.max_steps:
         position = {"epoch": epoch, "batches": read} if run.stream else {}
         save_checkpoint(acc, targs.output_dir, step, targs.save_total_limit,
-                        {**position, **(run.evaluator.state() if run.evaluator else {})} or None)
+                        {**position, **(run.evaluator.state() if run.evaluator else {})} or None,
+                        TrainingState(run.model, run.opt, run.sched, run.ema))
         if acc.is_main_process:
             plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
     if targs.sample_steps and step % targs.sample_steps == 0 and acc.is_main_process and not sharded(acc):
@@ -365,11 +445,12 @@ def run_epoch(run: Run, dargs: DataArguments, targs: TrainingArguments) -> None:
     """Train through (the rest of) one epoch, or until ``max_steps``."""
     epoch, skip = start_epoch(run, targs)
     batches = run.acc.skip_first_batches(run.loader, skip) if skip else run.loader
-    read = skip
+    read, usable = skip, 0
     for batch in batches:
         read += 1
         if batch is None:  # every sample of this batch was bad (counted by the collator)
             continue
+        usable += 1
         n_tokens = sum(map(sum, batch.pop("seq_lens"))) if "seq_lens" in batch else int(batch["attention_mask"].sum())
         batch.pop("sample_index", None)
         out = train_step(run, batch, targs)
@@ -383,9 +464,13 @@ def run_epoch(run: Run, dargs: DataArguments, targs: TrainingArguments) -> None:
             break
     if run.stream and not done(run, targs):
         if read == 0:
-            raise ValueError(f"{dargs.data_files}: the stream gave no full batch of {targs.batch_size} in epoch "
-                             f"{epoch}; it has fewer records than the batch size")
+            raise ValueError(f"{data_name(dargs)}: the stream gave no full batch of {targs.batch_size} in epoch "
+                             f"{epoch}; it has fewer records than the batch size (or none)")
         run.stream_epoch, run.stream_batches = epoch + 1, 0
+    if usable == 0 and read > skip:
+        raise ValueError(f"{data_name(dargs)}: not one usable batch in epoch {epoch}: {read - skip} batch(es) of "
+                         f"{targs.batch_size} read, {run.collator.skipped - run.skipped_before} bad record(s) skipped; "
+                         f"e.g. {'; '.join(dict.fromkeys(run.collator.reasons)) or '?'}")
     report_skipped(run, epoch)
 
 
@@ -415,16 +500,20 @@ def finish(run: Run, targs: TrainingArguments) -> None:
     state = acc.get_state_dict(run.model) if run.ema is None else None  # a collective: every process calls it
     if acc.is_main_process:
         final = acc.unwrap_model(run.model) if run.ema is None else run.ema.module
-        final.save_pretrained(targs.output_dir, state_dict=state)
+        tmp = os.path.join(targs.output_dir, ".tmp_final")  # written whole, then moved in (atomically)
+        shutil.rmtree(tmp, ignore_errors=True)
+        final.save_pretrained(tmp, state_dict=state)
+        run.processor.save_pretrained(tmp)
+        GenerationDefaults.for_model(final.config, **targs.generation).save_pretrained(tmp)
+        publish_directory(tmp, targs.output_dir)
         if finish_eval(run, targs):  # --load_best_model_at_end: the best eval's weights replace these
             final = reload_final(targs.output_dir)
-        run.processor.save_pretrained(targs.output_dir)
-        GenerationDefaults.for_model(final.config, **targs.generation).save_pretrained(targs.output_dir)
         plot_loss_curve(run.log_path, os.path.join(targs.output_dir, "loss_curve.png"))
         if sharded(acc):  # this process holds a shard only: preview the saved (whole) model instead
             final = reload_final(targs.output_dir)
         preview(final, run.processor, run.dataset, targs, "final")
-        acc.print(f"mmar: trained {run.step} steps in {time.time() - run.start:.0f}s; model saved to "
+        skipped = f" ({run.bad_steps} batch(es) skipped for a NaN / inf loss or gradient)" if run.bad_steps else ""
+        acc.print(f"mmar: trained {run.step} steps in {time.time() - run.start:.0f}s{skipped}; model saved to "
                   f"{targs.output_dir}")
     acc.wait_for_everyone()
     acc.end_training()

@@ -4,9 +4,11 @@ FileNotFoundError naming the problem), never a crash, a hang or another exceptio
 Besides "a clear error or a valid answer", the loader tests check properties of what is accepted (the
 16-bit scale, alpha onto white, EXIF orientation) and bounds on what an input may cost (pixels decoded,
 memory while preprocessing audio, prompt positions): issue 10's items 2, 6, 7 and 10 are each one of these
-properties failing.
+properties failing. Training data of any size and quality through `mmar train` (items 3, 4, 5: a loop, a
+ZeroDivisionError, torch's num_samples=0) and damaged checkpoints resumed with ``latest`` (items 1, 8: a
+pickle payload run, a truncated newest checkpoint) are fuzzed too.
 
-Cases per test are set by ``FUZZ_EXAMPLES`` (default 150; 7 tests => 1050 cases in CI).
+Cases per test are set by ``FUZZ_EXAMPLES`` (default 150; the training test runs ``max(4, N // 30)``).
 """
 
 import io
@@ -288,6 +290,126 @@ def test_prompt_sizes_and_item_counts(tiny, text, items):
     except CLEAR as e:
         assert str(e)
         _count("prompt sizes", "clear_error")
+
+
+# -- training data of any size and quality, and damaged checkpoints (issue 10 items 1, 3, 4, 5, 8) -------------
+TRAIN_N = max(4, N // 30)  # a training run per case: fewer cases
+TRAIN_FUZZ = settings(max_examples=TRAIN_N, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+GOOD_RECORD = {"messages": [{"role": "user", "content": "draw a 3"}, {"role": "assistant", "content": "3"}]}
+BAD_RECORDS = ['{"messages": [{"role": "user", "content": [{"type": "image", "path": "gone.png"}]}, '
+               '{"role": "assistant", "content": "1"}]}', "{broken", '{"messages": []}',
+               json.dumps({"messages": [{"role": "user", "content": "seven " * 300}, {"role": "assistant",
+                                                                                    "content": "7"}]})]
+
+
+@pytest.mark.timeout(max(600, 60 * TRAIN_N))  # a loop (issue 10 item 3) fails here instead of hanging
+@TRAIN_FUZZ
+@given(good=st.integers(0, 6), bad=st.lists(st.sampled_from(BAD_RECORDS), max_size=12), batch=st.integers(1, 8),
+       accumulate=st.sampled_from([1, 2]), streaming=st.booleans(), clip=st.sampled_from(["0", "1.0"]))
+def test_training_data_of_any_size_and_quality(tiny_dir, tmp_path_factory, capsys, good, bad, batch, accumulate,
+                                               streaming, clip):
+    """Trains, or stops with one line naming the file; never a traceback, never a loop (pytest-timeout)."""
+    import random
+
+    from mmar.cli import main
+
+    lines = [json.dumps(GOOD_RECORD)] * good + bad
+    random.Random(len(lines)).shuffle(lines)
+    folder = tmp_path_factory.mktemp("train-fuzz")
+    data = folder / "data.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+
+    rc = main(["train", "--init_from", str(tiny_dir), "--dataset", "jsonl", "--data_files", str(data),
+               "--output_dir", str(folder / "run"), "--max_steps", "2", "--batch_size", str(batch),
+               "--gradient_accumulation_steps", str(accumulate), "--streaming", str(streaming).lower(),
+               "--max_grad_norm", clip, "--save_steps", "1", "--logging_steps", "1", "--progress", "false"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mmar train: error")]
+    if rc == 0:
+        _count("training data", "ok")
+        assert os.path.isfile(folder / "run" / "config.json")
+        return
+    assert rc == 2 and len(errors) == 1 and "data.jsonl" in errors[0], errors
+    if not streaming and len(lines) < batch * accumulate:
+        assert "full batch" in errors[0] or "no records" in errors[0], errors
+    if good == 0 and len(lines) >= batch * accumulate:
+        assert "not one usable batch" in errors[0] or "full batch" in errors[0], errors
+    _count("training data", "clear_error")
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, tiny_dir, chat_jsonl):
+    """A run with two checkpoints, and the objects a resume loads them into."""
+    from mmar.training import DataArguments, ModelArguments, TrainingArguments, train
+    from mmar.training.trainer import setup
+
+    out = tmp_path_factory.mktemp("ckpt-fuzz") / "run"
+    args = (ModelArguments(init_from=str(tiny_dir)), DataArguments(dataset="jsonl", data_files=str(chat_jsonl)),
+            TrainingArguments(output_dir=str(out), max_steps=5, batch_size=8, save_steps=2, save_total_limit=3,
+                              progress=False, ema_decay=0.9))
+    train(*args)
+    args[2].output_dir = str(tmp_path_factory.mktemp("ckpt-fuzz-target"))
+    return out, setup(*args)
+
+
+damage = st.tuples(st.sampled_from(["truncate", "random bytes", "pickle payload", "delete", "json value", "plant"]),
+                   st.integers(0, 1_000_000), st.binary(max_size=64))
+
+
+@FUZZ
+@given(case=damage)
+def test_damaged_checkpoints_never_run_code(checkpointed_run, tmp_path_factory, case):
+    """Whatever is done to the newest checkpoint's files, `latest` resumes from a complete checkpoint or
+    stops with a clear error naming the file; no file is ever unpickled (a payload would create MARKER)."""
+    import pickle
+    import shutil
+
+    from mmar.training.checkpoints import TrainingState, load_training_state, resolve_checkpoint
+
+    src, run = checkpointed_run
+    kind, at, blob = case
+    out = tmp_path_factory.mktemp("damaged")
+    shutil.copytree(src / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / "step_4"
+    names = sorted(os.listdir(newest))
+    target = newest / names[at % len(names)]
+    marker = out / "MARKER"
+    payload = pickle.dumps(_Payload(str(marker)))
+    if kind == "truncate":
+        target.write_bytes(target.read_bytes()[: at % max(1, target.stat().st_size)])
+    elif kind == "random bytes":  # the same size: the file list cannot tell
+        size = target.stat().st_size
+        target.write_bytes((blob * (size // max(1, len(blob)) + 1))[:size] if blob else bytes(size))
+    elif kind == "pickle payload":
+        target.write_bytes(payload)
+    elif kind == "delete":
+        target.unlink()
+    elif kind == "json value" and target.suffix == ".json":
+        target.write_text(json.dumps({"format": "mmar-state-1", "state": json.loads(blob.decode("latin-1").join('""'))
+                                      if at % 2 else {"__ndarray__": "x", "dtype": "<f4"}}))
+    else:  # planted pickles next to the real files
+        for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin"):
+            (newest / name).write_bytes(payload)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = resolve_checkpoint(str(out), "latest")
+        state = load_training_state(run.acc, ckpt, TrainingState(run.model, run.opt, run.sched, run.ema))
+        assert state["step"] in (2, 4)
+        _count("checkpoint files", "ok")
+    except CLEAR as e:
+        assert "step_4" in str(e) or "step_2" in str(e), str(e)
+        _count("checkpoint files", "clear_error")
+    assert not marker.exists(), "a checkpoint file was unpickled"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 def test_report_counts(capsys):
