@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 from report import machine, update_section  # noqa: E402
 
-FUZZ_LINE = re.compile(r"\[fuzz\] (.+?): (\d+) cases, (\d+) clear errors, (\d+) accepted, (\d+) crashes")
+FUZZ_LINE = re.compile(r"\[fuzz\] (.+?): (\d+) cases, (\d+) clear errors, (\d+) accepted")
 FUZZ_WHAT = {"image inputs": "image inputs (arrays of any shape, NaN / inf tensors, wrong types)",
              "corrupt files": "corrupt files (random bytes, truncated PNG / JPEG / WAV, huge images)",
              "texts and roles": "texts and roles (special tokens typed in, control characters, unknown roles)",
