@@ -89,7 +89,10 @@ class TrainingArguments:
     """A step whose loss is NaN / inf is skipped with a warning; this many in a row abort the run."""
     ema_decay: float = 0.0
     """Keep an exponential moving average of the weights (e.g. 0.999) and save it as the final model."""
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
+    """``no`` / ``bf16`` / ``fp16`` (GPU only) / ``fp8``; unset: the launcher's (``accelerate launch
+    --mixed_precision`` or its config file, read from ``ACCELERATE_MIXED_PRECISION``), else ``no``. The
+    precision the run really uses is printed and saved in ``output_dir/training_args.json``."""
     torch_compile: bool = False
     """Compile the model with torch.compile (inductor, through accelerate) before training."""
     logging_steps: int = 10

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -141,15 +141,40 @@ class Run:
     evaluator: Any = None  # held-out evaluation (mmar.training.evaluation), None without held-out data
 
 
+PRECISIONS = ("no", "bf16", "fp16", "fp8")
+
+
 def make_accelerator(targs: TrainingArguments) -> Accelerator:
+    """The run's Accelerator. Mixed precision: ``targs.mixed_precision`` if set, else the launcher's
+    (``ACCELERATE_MIXED_PRECISION``, which ``accelerate launch`` sets from its flag or config file)."""
+    from accelerate.state import AcceleratorState
+
+    if targs.mixed_precision is not None and targs.mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision: {targs.mixed_precision!r} is not one of {', '.join(PRECISIONS)}")
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()  # an earlier run in this process: this one sets its own precision
     acc = Accelerator(gradient_accumulation_steps=targs.gradient_accumulation_steps,
                       mixed_precision=targs.mixed_precision, project_dir=targs.output_dir,
                       log_with=targs.log_with, **scale_options(targs),
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False))
     check_processes(acc)
+    check_precision(acc, targs)
     if targs.log_with:
         acc.init_trackers("mmar")
     return acc
+
+
+def check_precision(acc: Accelerator, targs: TrainingArguments) -> None:
+    """Refuse a precision accelerate would silently not apply (fp16 autocast needs a GPU), and say which one
+    the run uses and where it came from."""
+    from accelerate.utils import DistributedType
+
+    if acc.mixed_precision == "fp16" and not acc.native_amp and acc.distributed_type != DistributedType.DEEPSPEED:
+        raise ValueError(f"mixed_precision fp16 needs a GPU (accelerate runs {acc.device.type} in fp32 with it); "
+                         "use bf16 or no")
+    source = ("--mixed_precision" if targs.mixed_precision is not None else
+              "ACCELERATE_MIXED_PRECISION" if "ACCELERATE_MIXED_PRECISION" in os.environ else "the default")
+    acc.print(f"mmar: mixed precision {acc.mixed_precision} (from {source}) on {acc.device.type}")
 
 
 def check_processes(acc: Accelerator) -> None:
@@ -306,12 +331,24 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
         ema = AveragedModel(acc.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(targs.ema_decay),
                             use_buffers=True)
     os.makedirs(targs.output_dir, exist_ok=True)
+    save_run_args(acc, margs, dargs, targs)
     n_params = sum(p.numel() for p in model.parameters())
     acc.print(f"mmar: {n_params / 1e6:.2f}M parameters, {'streamed' if stream else len(dataset)} samples"
               f"{'' if held_out is None else f' (+ {len(held_out)} held out)'}, {targs.max_steps} steps")
     return Run(acc, model, processor, dataset, collator, loader, opt, sched, ema=ema, stream=stream,
                log_path=os.path.join(targs.output_dir, "log.jsonl"),
                evaluator=make_evaluator(held_out, processor, targs))
+
+
+def save_run_args(acc: Accelerator, margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments) -> None:
+    """``output_dir/training_args.json``: every option of the run, with the precision really used."""
+    if not acc.is_main_process:
+        return
+    args = {**asdict(margs), **asdict(dargs), **asdict(targs), "mixed_precision": acc.mixed_precision}
+    path = os.path.join(targs.output_dir, "training_args.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(args, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def resume(run: Run, targs: TrainingArguments) -> None:
