@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from functools import partial
 
 import diffusers
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import Head, register_head
 from .guidance import guidance_rows, guide
@@ -48,6 +50,13 @@ class ResBlock(nn.Module):
 
 
 class SimpleMLPAdaLN(nn.Module):
+    """MAR's denoiser. ``gradient_checkpointing`` (set with the rest of the model by transformers'
+    ``activation_checkpointing_enable``) recomputes each block in the backward pass: a training batch runs
+    ``diffusion_batch_mul`` rows per token, so without it the head keeps ~10 width-sized activations per
+    row and block."""
+
+    gradient_checkpointing = False
+
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
         super().__init__()
         self.input_proj = nn.Linear(token_dim, width)
@@ -66,19 +75,49 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(ada.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.denoise(x, self.modulations(self.time_embed(timestep_features(t).to(x.dtype))
-                                                + self.cond_embed(cond)))
+        y = self.time_embed(timestep_features(t).to(x.dtype)) + self.cond_embed(cond)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self.denoise_checkpointed(x, y)
+        return self.denoise(x, self.modulations(y))
+
+    @staticmethod
+    def modulation(ada: nn.Module, y: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """One AdaLN modulation ``(shift, 1 + scale[, gate])`` from condition embeddings ``y``."""
+        chunks = list(ada(y).chunk(parts, dim=-1))
+        chunks[1] = chunks[1] + 1
+        return tuple(chunks)
 
     def modulations(self, y: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
         """The AdaLN ``(shift, 1 + scale, gate)`` of every block (and ``(shift, 1 + scale)`` of the final
         norm) for condition embeddings ``y`` ``[..., width]``; in sampling they are computed for all steps
         at once, since the condition does not change."""
-        mods = []
-        for ada in [block.ada for block in self.blocks] + [self.final_ada]:
-            parts = list(ada(y).chunk(3 if ada is not self.final_ada else 2, dim=-1))
-            parts[1] = parts[1] + 1
-            mods.append(tuple(parts))
-        return mods
+        return [self.modulation(b.ada, y, 3) for b in self.blocks] + [self.modulation(self.final_ada, y, 2)]
+
+    def block(self, block: ResBlock, x: torch.Tensor, shift, scale1p, gate) -> torch.Tensor:
+        """One residual block on ``x`` with its modulation."""
+        h = F.layer_norm(x, (x.shape[-1],), block.norm.weight, block.norm.bias, block.norm.eps)
+        fc1, fc2 = block.mlp[0], block.mlp[2]
+        h = F.linear(F.silu(F.linear(torch.addcmul(shift, h, scale1p), fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return torch.addcmul(x, gate, h)
+
+    def head_out(self, x: torch.Tensor, shift, scale1p) -> torch.Tensor:
+        """The final modulated norm and output layer."""
+        h = torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), None, None, self.final_norm.eps), scale1p)
+        return F.linear(h, self.out.weight, self.out.bias)
+
+    def denoise_checkpointed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``denoise(x, modulations(y))`` keeping only each block's input: every block (its modulation
+        included) and the output are recomputed in the backward pass. The same operations, so the same
+        numbers."""
+        ckpt = getattr(self, "_gradient_checkpointing_func", None) or partial(checkpoint, use_reentrant=False)
+
+        def run_block(block, x, y):
+            return self.block(block, x, *self.modulation(block.ada, y, 3))
+
+        x = F.linear(x, self.input_proj.weight, self.input_proj.bias)
+        for block in self.blocks:
+            x = ckpt(run_block, block, x, y)
+        return ckpt(lambda x, y: self.head_out(x, *self.modulation(self.final_ada, y, 2)), x, y)
 
     @staticmethod
     def per_step(mods: list[tuple[torch.Tensor, ...]]) -> list[list[tuple[torch.Tensor, ...]]]:
@@ -90,16 +129,10 @@ class SimpleMLPAdaLN(nn.Module):
     def denoise(self, x: torch.Tensor, mods: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """The network body, written with functional ops: sampling calls it once per step for a few rows,
         where module-call overhead would cost more than the arithmetic."""
-        width = self.input_proj.out_features
         x = F.linear(x, self.input_proj.weight, self.input_proj.bias)
-        for block, (shift, scale1p, gate) in zip(self.blocks, mods):
-            h = F.layer_norm(x, (width,), block.norm.weight, block.norm.bias, block.norm.eps)
-            fc1, fc2 = block.mlp[0], block.mlp[2]
-            h = F.linear(F.silu(F.linear(torch.addcmul(shift, h, scale1p), fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
-            x = torch.addcmul(x, gate, h)
-        shift, scale1p = mods[-1]
-        h = torch.addcmul(shift, F.layer_norm(x, (width,), None, None, self.final_norm.eps), scale1p)
-        return F.linear(h, self.out.weight, self.out.bias)
+        for block, mod in zip(self.blocks, mods):
+            x = self.block(block, x, *mod)
+        return self.head_out(x, *mods[-1])
 
 
 @register_head("diffusion")

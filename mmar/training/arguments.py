@@ -93,6 +93,10 @@ class TrainingArguments:
     """``no`` / ``bf16`` / ``fp16`` (GPU only) / ``fp8``; unset: the launcher's (``accelerate launch
     --mixed_precision`` or its config file, read from ``ACCELERATE_MIXED_PRECISION``), else ``no``. The
     precision the run really uses is printed and saved in ``output_dir/training_args.json``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them: the backbone's decoder layers
+    (its ``activation_checkpointing_enable``, use_reentrant=False) and each block of the diffusion / flow
+    heads. Less memory, about one more forward pass of compute; the same losses and gradients."""
     torch_compile: bool = False
     """Compile the model with torch.compile (inductor, through accelerate) before training."""
     logging_steps: int = 10

@@ -220,6 +220,25 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return len(layers)
 
 
+def enable_checkpointing(model: torch.nn.Module) -> tuple[int, int]:
+    """``--gradient_checkpointing``: transformers' ``activation_checkpointing_enable`` on the whole model
+    (non-reentrant ``torch.utils.checkpoint``), which flags the backbone's decoder layers and the heads'
+    denoisers; the embeddings' outputs require grad, so a frozen (LoRA / quantized) base still passes
+    gradients through recomputed layers. Returns (decoder layers, head blocks) checkpointed."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ..heads import SimpleMLPAdaLN
+
+    layers = sum(isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing for m in model.modules())
+    heads = sum(len(m.blocks) for m in model.modules() if isinstance(m, SimpleMLPAdaLN) and m.gradient_checkpointing)
+    return layers, heads
+
+
 def sharded(acc: Accelerator) -> bool:
     """Whether the model's parameters are split over the processes (FSDP, DeepSpeed ZeRO-3): then no
     process may run the model alone (rank-0 previews would wait forever for the others)."""
@@ -302,6 +321,9 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     dataset, held_out = held_out_data(dataset, dargs, targs)  # an eval_split is left out of training
     model, processor = build_everything(margs, dataset)
     max_length = sample_limit(model, dargs, acc)
+    if targs.gradient_checkpointing:
+        layers, blocks = enable_checkpointing(model)
+        acc.print(f"mmar: gradient checkpointing: {layers} decoder layers, {blocks} head blocks")
     if margs.lora:
         model = with_lora(model, processor, margs, targs.output_dir, acc)
     if targs.torch_compile:
