@@ -51,14 +51,19 @@ def test_a_typo_in_generation_defaults_fails_before_training(tmp_path, capsys):
 
 
 def test_resume_continues_the_same_losses(tmp_path):
+    """A run resumed from its step-10 checkpoint trains steps 11..20 (not from scratch) to the same loss."""
     cfg = _tiny_config(tmp_path, max_steps=20)
     assert main(["train", "--config", cfg]) == 0
-    full = {r["step"]: r["loss"] for r in _losses(tmp_path / "run")}
-    assert main(["train", "--config", cfg, "--output_dir", str(tmp_path / "again"), "--max_steps", "10"]) == 0
-    assert main(["train", "--config", cfg, "--output_dir", str(tmp_path / "again"),
-                 "--resume_from_checkpoint", "latest"]) == 0
-    resumed = {r["step"]: r["loss"] for r in _losses(tmp_path / "again")}
-    assert resumed[20] == pytest.approx(full[20], rel=1e-4)
+    run = tmp_path / "run"
+    full = {r["step"]: r["loss"] for r in _losses(run) if "loss" in r}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_10"]
+    again = tmp_path / "again"
+    assert main(["train", "--config", cfg, "--output_dir", str(again),
+                 "--resume_from_checkpoint", str(run / "checkpoints" / "step_10")]) == 0
+    rows = [r for r in _losses(again) if "loss" in r]
+    assert [r["step"] for r in rows] == [15, 20]  # it went on after step 10
+    assert rows[-1]["loss"] == pytest.approx(full[20], rel=1e-4)
+    assert rows[0]["loss"] == pytest.approx(full[15], rel=1e-4)
 
 
 def test_config_errors(tmp_path, capsys):
