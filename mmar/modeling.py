@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
-from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .compat import CACHE
 from .config import MMARConfig, ModalitySpec
-from .heads import SimpleMLPAdaLN, build_head
+from .heads import build_head
 from .sequence import IGNORE, grid_positions
 from .tokenizers import ModalityTokenizer, build_tokenizer, marked_sizes, modality_token_ids, size_token_ids
 
@@ -44,12 +43,16 @@ class MMARPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, SimpleMLPAdaLN):
-            for layer in [b.ada[-1] for b in module.blocks] + [module.final_ada[-1], module.out]:
-                init.zeros_(layer.weight)
-                init.zeros_(layer.bias)
+    def init_own_weights_everywhere(self) -> None:
+        """After transformers' default init (which redraws every Linear of the heads too), each module's
+        own ``init_own_weights``, so that a head or projection keeps the initialisation it sets without this
+        file naming it. transformers 5 counts MMARModel as custom code and never calls ``_init_weights`` on
+        a module without parameters of its own (an MLP of Linears), so a hook there would not run. The own
+        init must use ``transformers.initialization``, which leaves weights loaded from a checkpoint alone."""
+        for module in self.modules():
+            own = getattr(module, "init_own_weights", None)
+            if callable(own):
+                own()
 
 
 class MMARModel(MMARPreTrainedModel):
@@ -73,6 +76,7 @@ class MMARModel(MMARPreTrainedModel):
                 self.pos_embeds[m] = nn.Embedding(position_table_size(spec), hidden)
         self.placeholder = config.placeholder_ids()
         self.post_init()
+        self.init_own_weights_everywhere()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
 
 from mmar import Image, Message, MMARConfig, MMARModel, MMARProcessor, build_model
-from tests.conftest import TINY_MODALITIES, make_tiny
+from tests.conftest import TINY_BACKBONE, TINY_MODALITIES, make_tiny
 
 
 def _batch(proc, rng):
@@ -91,3 +91,40 @@ def test_epsilon_prediction_and_unknown_head():
     assert model.heads["image"].train_scheduler.config.prediction_type == "epsilon"
     with pytest.raises(ValueError, match="unknown head 'nope'"):
         make_tiny(modalities={"image": {**TINY_MODALITIES["image"], "head": {"name": "nope"}}})
+
+
+def test_a_heads_own_init_survives_transformers_default_init(tmp_path):
+    """A head that sets its own initialisation keeps it through MMARModel's construction (transformers'
+    default init redraws every Linear afterwards) with no edit of modeling.py, and weights loaded from a
+    checkpoint are left alone by it."""
+    from mmar.heads import DiffusionHead, register_head
+
+    @register_head("test-own-init")
+    class OwnInitHead(DiffusionHead):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.scale = torch.nn.Linear(4, 4)
+            self.init_own_weights()
+
+        def init_own_weights(self):
+            from transformers import initialization as hf_init
+
+            hf_init.constant_(self.scale.weight, 0.5)
+            hf_init.constant_(self.scale.bias, -1.0)
+
+    modalities = {"image": {**TINY_MODALITIES["image"], "head": {**TINY_MODALITIES["image"]["head"],
+                                                                   "name": "test-own-init"}}}
+    model, proc = make_tiny(modalities=modalities)
+    fresh = build_model(dict(TINY_BACKBONE), proc.tokenizer, modalities)
+    head = fresh.heads["image"]
+    assert torch.all(head.scale.weight == 0.5) and torch.all(head.scale.bias == -1.0)
+    # the diffusion MLP's own zero init survives too (its output layer starts at zero)
+    assert torch.count_nonzero(head.net.out.weight) == 0 and torch.count_nonzero(head.net.out.bias) == 0
+    # loaded weights are kept: make_tiny drew the heads at random; a round trip keeps them
+    with torch.no_grad():
+        model.heads["image"].scale.weight.fill_(3.0)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MMARModel.from_pretrained(tmp_path / "m")
+    assert torch.all(loaded.heads["image"].scale.weight == 3.0)
+    assert torch.equal(loaded.heads["image"].net.out.weight, model.heads["image"].net.out.weight)
+    assert torch.count_nonzero(loaded.heads["image"].net.out.weight) > 0

@@ -20,6 +20,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import initialization as hf_init
 
 from .base import Head, register_head
 from .guidance import guidance_rows, guide
@@ -66,13 +67,15 @@ class SimpleMLPAdaLN(nn.Module):
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, token_dim)
-        self.zero_init()
+        self.init_own_weights()
 
-    def zero_init(self) -> None:
-        """Zero the modulations and the output layer, so the head starts as the identity residual."""
+    def init_own_weights(self) -> None:
+        """Zero the modulations and the output layer, so the head starts as the identity residual. Called
+        here and again by ``MMARModel`` after transformers' default init (which would redraw every Linear);
+        ``transformers.initialization`` leaves weights that were loaded from a checkpoint alone."""
         for ada in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.out]:
-            nn.init.zeros_(ada.weight)
-            nn.init.zeros_(ada.bias)
+            hf_init.zeros_(ada.weight)
+            hf_init.zeros_(ada.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         y = self.time_embed(timestep_features(t).to(x.dtype)) + self.cond_embed(cond)
