@@ -14,8 +14,6 @@ size's, in points (the issue's "within 5 points").
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any
 
@@ -24,7 +22,7 @@ import torch
 
 from ..data.digits import crop_digit, i2t_prompt, load_digit_split, pad_digit, t2i_prompt
 from ..pipeline import MMARPipeline
-from ..training.pictures import image_grid
+from .report import save_report
 from ..types import Image, Message
 from .digits import BATCH, _batches, fit_classifier, parse_digit
 
@@ -93,12 +91,5 @@ def evaluate_digit_sizes(model_dir: str, output: str | None = None, grid: str | 
     metrics = {"task": "digits-sizes", "model": str(model_dir), "sizes": per_size, "gap_to_square_points": gap,
                "classifier_heldout_accuracy": clf_acc, "per_digit": per_digit, "seed": seed,
                "guidance_scale": settings["guidance_scale"], "eval_seconds": round(time.time() - t0, 1)}
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(metrics, f, indent=2)
-    grid = grid or (os.path.splitext(output)[0] + "_grid.png" if output else None)
-    if grid:
-        image_grid(tiles, cols=per_digit, scale=4).save(grid)
-        metrics["grid"] = grid
+    save_report(metrics, output, grid, tiles, per_digit)
     return metrics

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from ..datasets.digits import DIGIT_WORDS, i2t_prompt, load_digit_split, pair_prompt, t2i_prompt
 from ..pipeline import MMARPipeline
 from ..sequence import Image, Message
-from ..training.pictures import image_grid
+from .report import save_report
 
 BATCH = 100
 FD_FEATURES = 32
@@ -146,14 +144,7 @@ def _t2i_metrics(clf, images: list, digits: list[int], heldout_images: list, hel
 
 def _save(metrics: dict[str, Any], output: str | None, grid: str | None, images: list, cols: int) -> None:
     """``metrics`` as JSON to ``output``; the generated images as a grid (next to ``output`` by default)."""
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(metrics, f, indent=2)
-    grid = grid or (os.path.splitext(output)[0] + "_grid.png" if output else None)
-    if grid:
-        image_grid(images, cols=cols, scale=4).save(grid)
-        metrics["grid"] = grid
+    save_report(metrics, output, grid, images, cols)
 
 
 def evaluate_digits(model_dir: str, output: str | None = None, grid: str | None = None,

@@ -13,8 +13,6 @@ question type (captions included) and overall over every question asked (:func:`
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from PIL import Image as PILImage
 from ..datasets.shapes import COLOURS, QUESTIONS, Scene, caption, load_split, questions, t2i_prompt
 from ..pipeline import MMARPipeline
 from ..sequence import Image, Message
-from ..training.pictures import image_grid
+from .report import save_report
 from .digits import FD_FEATURES, frechet_distance
 
 BATCH = 100
@@ -209,14 +207,7 @@ def _fd_metrics(generated: list, images: np.ndarray, seed: int) -> dict[str, flo
 
 def _save(metrics: dict[str, Any], output: str | None, grid: str | None, generated: list) -> None:
     """``metrics`` as JSON to ``output``; the generated images as a grid (next to ``output`` by default)."""
-    if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(metrics, f, indent=2)
-    grid = grid or (os.path.splitext(output)[0] + "_grid.png" if output else None)
-    if grid:
-        image_grid(generated, cols=GRID_COLS, scale=GRID_SCALE).save(grid)
-        metrics["grid"] = grid
+    save_report(metrics, output, grid, generated, GRID_COLS, GRID_SCALE)
 
 
 def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
