@@ -1,0 +1,124 @@
+"""Continuous speculative decoding: the acceptance rule reproduces the target's distribution on a toy with
+known densities, draft == target accepts everything, and on the trained digits model a first-layers draft
+gets more than one token per target call, in the plain sampler's output format."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from scipy import stats
+
+from mmar.generation.trajectory import (accept_drafts, draw_noise, gaussian_chain, residual_sample,
+                                        sample_trajectory, speculative_discrete)
+
+
+class MixtureDenoiser:
+    """The exact noise prediction E[eps | x_t] of data drawn from a 1-D Gaussian mixture, under a
+    diffusers schedule: its DDIM chain samples (close to) the mixture, and its density is known."""
+
+    def __init__(self, sched, weights, means, stds):
+        self.ab = sched.alphas_cumprod.double()
+        self.w, self.mu, self.s = (torch.tensor(v, dtype=torch.float64) for v in (weights, means, stds))
+        self.timesteps = None
+
+    def __call__(self, x, step, rows):
+        ab = self.ab[self.timesteps[step]][:, None]  # [n, 1]
+        x = x.double()
+        var = ab * self.s**2 + 1 - ab  # [n, K] marginal variance of x_t per component
+        logr = torch.log(self.w) - 0.5 * (x - ab.sqrt() * self.mu) ** 2 / var - 0.5 * torch.log(var)
+        r = torch.softmax(logr, -1)
+        x0 = self.mu + ab.sqrt() * self.s**2 / var * (x - ab.sqrt() * self.mu)  # E[x0 | x_t, k]
+        x0 = (r * x0).sum(-1, keepdim=True)
+        return ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).float()
+
+
+def _toy(steps=10):
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                          clip_sample=False)
+    sched.set_timesteps(steps)
+    chain = gaussian_chain(sched, eta=1.0).to("cpu")
+    target = MixtureDenoiser(sched, [0.75, 0.25], [-1.0, 1.5], [0.3, 0.4])
+    draft = MixtureDenoiser(sched, [0.4, 0.6], [-1.0, 1.5], [0.3, 0.4])
+    for d in (target, draft):
+        d.timesteps = chain.timesteps
+    return chain, target, draft
+
+
+def _plain(denoise, chain, n, gen):
+    rows = torch.zeros(n, dtype=torch.long)
+    return sample_trajectory(denoise, chain, rows, draw_noise(len(chain), n, 1, gen, "cpu"))
+
+
+def _speculative(chain, target, draft, n, gen, residual=True):
+    """One drafted token per row, accepted or redrawn; ``residual=False`` redraws rejected ones from the
+    target's plain chain instead of the residual (a wrong rule the test must catch)."""
+    rows = torch.zeros(n, dtype=torch.long)
+    states, means_q = _plain(draft, chain, n, gen)
+    ok = accept_drafts(target, chain, states, means_q, rows, gen)
+    tokens = states[-1].clone()
+    if (~ok).any():
+        if residual:
+            res = residual_sample(target, draft, chain, rows[~ok], 1, gen)
+            assert res.fallbacks == 0
+            tokens[~ok] = res.tokens.to(tokens.dtype)
+        else:
+            tokens[~ok] = _plain(target, chain, int((~ok).sum()), gen)[0][-1]
+    return tokens.flatten().numpy(), ok
+
+
+def test_chain_is_the_schedulers_stochastic_ddim():
+    """The probed coefficients give diffusers' own DDIM (eta = 1) step, noise included."""
+    chain, target, _ = _toy()
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                          clip_sample=False)
+    sched.set_timesteps(10)
+    x, z = torch.randn(5, 1), torch.randn(5, 1)
+    for i, t in enumerate(chain.timesteps):
+        out = target(x, torch.full((5,), i), None)
+        ours = chain.a[i] * x + chain.b[i] * out + chain.sigma[i] * z
+        torch.testing.assert_close(ours, sched.step(out, t, x, eta=1.0, variance_noise=z).prev_sample)
+    assert len(chain) == 9 and int(chain.timesteps[-1]) == 100  # the deterministic last step is not in it
+    with pytest.raises(ValueError, match="eta > 0"):
+        gaussian_chain(sched, eta=0.0)
+
+
+def test_accepted_and_resampled_tokens_follow_the_target():
+    """KS two-sample tests against plain sampling of each model: speculative output matches the target's
+    chain and is far from the draft's; redrawing rejected tokens from p instead of the residual fails."""
+    chain, target, draft = _toy()
+    gen, n = torch.Generator().manual_seed(0), 3000
+    spec, ok = _speculative(chain, target, draft, n, gen)
+    ref_target = _plain(target, chain, n, gen)[0][-1].flatten().numpy()
+    ref_draft = _plain(draft, chain, n, gen)[0][-1].flatten().numpy()
+    assert 0.2 < ok.float().mean() < 0.9  # both branches of the rule are exercised
+    assert stats.ks_2samp(spec, ref_target).pvalue > 0.01
+    assert stats.ks_2samp(spec, ref_draft).pvalue < 1e-6
+    assert stats.ks_2samp(ref_target, ref_draft).pvalue < 1e-6
+    # the mixture weights say the same: about 75% of the target's mass is on the left mode
+    assert abs(np.mean(spec < 0.25) - np.mean(ref_target < 0.25)) < 0.04
+    wrong, _ = _speculative(chain, target, draft, n, gen, residual=False)
+    assert stats.ks_2samp(wrong, ref_target).pvalue < 1e-4
+
+
+def test_draft_equal_to_target_accepts_everything():
+    chain, target, _ = _toy()
+    _, ok = _speculative(chain, target, target, 500, torch.Generator().manual_seed(1))
+    assert bool(ok.all())
+
+
+def test_discrete_rule_samples_the_target():
+    """Standard speculative sampling of text tokens: the token after the accepted prefix follows p."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    q = torch.tensor([[0.1, 0.2, 0.7]])
+    counts = np.zeros(3)
+    for _ in range(4000):
+        d = torch.multinomial(q[0], 1, generator=gen)
+        accepted, tok = speculative_discrete(p, q, d, gen)
+        counts[int(d) if accepted else tok] += 1
+    assert stats.chisquare(counts, 4000 * p[0].numpy()).pvalue > 0.01
+    assert stats.chisquare(counts, 4000 * q[0].numpy()).pvalue < 1e-6
+    assert speculative_discrete(p, p[:1], torch.tensor([2]), gen)[0] == 1  # q == p: always accepted
+    assert math.isclose(float(p.sum(-1)[0]), 1.0)
