@@ -16,17 +16,11 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-DEFAULT_DIFFUSION_HEAD: dict[str, Any] = {
-    "name": "diffusion",
-    "width": 256,  # MLP width of SimpleMLPAdaLN
-    "depth": 3,  # residual AdaLN blocks
-    "prediction_type": "v_prediction",  # or "epsilon"
-    "num_train_timesteps": 1000,
-    "beta_schedule": "squaredcos_cap_v2",  # cosine, as in MAR
-    "diffusion_batch_mul": 4,  # noise draws per token in training
-    "scheduler": "DDIMScheduler",  # any diffusers scheduler class name for sampling
-    "num_inference_steps": 50,
-}
+from .heads import head_defaults
+
+DEFAULT_HEAD = "diffusion"  # the head of a continuous modality whose spec names none
+# its default config, read off the head class's signature (kept under this name for old imports)
+DEFAULT_DIFFUSION_HEAD: dict[str, Any] = head_defaults(DEFAULT_HEAD)
 
 
 @dataclass
@@ -119,8 +113,8 @@ class MMARConfig(PreTrainedConfig):
     @staticmethod
     def _fill(spec: dict | ModalitySpec) -> ModalitySpec:
         spec = ModalitySpec.from_dict(spec)
-        if spec.head.get("name", "diffusion") == "diffusion":
-            spec.head = {**DEFAULT_DIFFUSION_HEAD, **spec.head}
+        if spec.head.get("name", DEFAULT_HEAD) == DEFAULT_HEAD:
+            spec.head = {**head_defaults(DEFAULT_HEAD), **spec.head}
         return spec
 
     def to_dict(self) -> dict[str, Any]:

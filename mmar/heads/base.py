@@ -8,6 +8,7 @@ subclass decorated by ``@register_head("name")``.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -29,6 +30,21 @@ def available_heads() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def signature_defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of ``cls.__init__``, in signature order (``**kwargs`` and required ones left out)."""
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def head_defaults(name: str) -> dict[str, Any]:
+    """The default config of the registered head ``name``: ``{"name": name, **options}``, read off its
+    class's signature (the one place a head's defaults are written), less its ``unsaved_options``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown head {name!r}; registered: {', '.join(available_heads())}")
+    cls = _REGISTRY[name]
+    return {"name": name, **{k: v for k, v in signature_defaults(cls).items() if k not in cls.unsaved_options}}
+
+
 def build_head(spec: dict[str, Any], cond_dim: int, token_dim: int | None = None,
                vocab_size: int | None = None) -> Head:
     """Continuous heads get ``token_dim``, discrete heads ``vocab_size``."""
@@ -42,6 +58,8 @@ def build_head(spec: dict[str, Any], cond_dim: int, token_dim: int | None = None
 
 class Head(nn.Module):
     name = ""
+    # signature options :func:`head_defaults` leaves out of a config (so config.json keeps the keys it has had)
+    unsaved_options: tuple[str, ...] = ()
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -140,10 +140,17 @@ class SimpleMLPAdaLN(nn.Module):
 
 @register_head("diffusion")
 class DiffusionHead(Head):
+    unsaved_options = ("eta",)  # never written into a config by default (saved configs have no eta)
+
     def __init__(self, token_dim: int, cond_dim: int, width: int = 256, depth: int = 3,
                  prediction_type: str = "v_prediction", num_train_timesteps: int = 1000,
                  beta_schedule: str = "squaredcos_cap_v2", diffusion_batch_mul: int = 4,
                  scheduler: str = "DDIMScheduler", num_inference_steps: int = 50, eta: float = 0.0):
+        """These defaults are the head's default config (:func:`mmar.heads.head_defaults`). ``width`` /
+        ``depth``: the MLP width and residual AdaLN blocks of ``SimpleMLPAdaLN``; ``prediction_type``:
+        ``v_prediction`` or ``epsilon``; ``beta_schedule``: cosine, as in MAR; ``diffusion_batch_mul``: noise
+        draws per token in training; ``scheduler``: any diffusers scheduler class name for sampling;
+        ``eta``: DDIM's stochasticity (0: deterministic)."""
         super().__init__()
         if prediction_type not in ("v_prediction", "epsilon"):
             raise ValueError(f"prediction_type must be 'v_prediction' or 'epsilon', got {prediction_type!r}")

@@ -35,24 +35,17 @@ and initialising from the teacher makes it a short fine-tune. The flow-map param
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from .base import Head, register_head
+from .base import Head, register_head, signature_defaults
 from .diffusion import FREQ_DIM, DiffusionHead, SimpleMLPAdaLN, timestep_features
 from .flow import TIME_SCALE, FlowHead
 
 GUIDE_SCALE = 100.0  # a guidance scale w is embedded as w * 100 (the sinusoidal features' useful range)
 TEACHERS = ("diffusion", "flow")
-
-
-def _defaults(cls) -> dict:
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 def _embedding(width: int) -> nn.Sequential:
@@ -72,7 +65,7 @@ class TeacherSchedule:
         if teacher.get("name") not in TEACHERS:
             raise ValueError(f"a few-step head distils a {' or '.join(TEACHERS)} head, not {teacher.get('name')!r}")
         self.kind, self.steps = teacher["name"], teacher_steps
-        spec = {**_defaults(DiffusionHead if self.kind == "diffusion" else FlowHead), **teacher}
+        spec = {**signature_defaults(DiffusionHead if self.kind == "diffusion" else FlowHead), **teacher}
         self.width, self.depth = spec["width"], spec["depth"]
         if self.kind == "flow":
             ts = torch.linspace(1.0, 0.0, teacher_steps + 1, dtype=torch.float64)

@@ -17,10 +17,14 @@ from typing import Any
 
 import yaml
 
+from ..config import DEFAULT_HEAD
+from ..heads import head_defaults
+
 
 def _default_modalities() -> dict:
+    """Digits as 2x2 pixel patches with the default head's own defaults (read from the head registry)."""
     return {"image": {"tokenizer": {"name": "image-patch", "image_size": 8, "patch_size": 2, "channels": 1},
-                      "head": {"name": "diffusion", "width": 256, "depth": 3}}}
+                      "head": head_defaults(DEFAULT_HEAD)}}
 
 
 @dataclass
