@@ -59,10 +59,32 @@ def _have_quanto() -> bool:
 
 
 def load_quantized(directory: str, spec: Any, **kwargs):
-    """``MMARModel.from_pretrained(directory)`` with its backbone quantized as ``spec`` says."""
+    """``MMARModel.from_pretrained(directory)`` with its backbone quantized as ``spec`` says, holding no
+    page of the checkpoint file (:func:`release_checkpoint_file`)."""
     from .modeling import MMARModel
 
-    return MMARModel.from_pretrained(directory, quantization_config=quantization_config(spec), **kwargs)
+    model = MMARModel.from_pretrained(directory, quantization_config=quantization_config(spec), **kwargs)
+    release_checkpoint_file(model)
+    return model
+
+
+def release_checkpoint_file(model) -> None:
+    """Copy the model's unquantized tensors into memory of their own. transformers loads safetensors as a
+    memory map and the full-precision tensors it keeps (embeddings, LM head, modality heads) are views of
+    it, so the whole mapping stays alive: every page read while quantizing stays resident (measured on the
+    88M model: 326 MB of fp32 file pages beside 91 MB of int8 weights). After the copy the mapping is
+    unreferenced and unmapped; the quantized tensors already own their memory."""
+    import gc
+
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            for _, t in tensors:
+                if type(t) in (torch.nn.Parameter, torch.Tensor) and t.device.type == "cpu":
+                    t.data = t.data.clone()
+    gc.collect()
 
 
 def is_quantized(model) -> bool:

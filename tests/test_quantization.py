@@ -40,6 +40,29 @@ def test_int8_pipeline_quantizes_the_backbone_only_and_stays_close(tiny_dir):
     assert out.images[0][0].size == (8, 8)
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_quantized_model_keeps_no_page_of_its_checkpoint_file(tmp_path, tiny_dir):
+    """transformers loads safetensors as a memory map; the full-precision tensors it keeps are views of it,
+    so without :func:`release_checkpoint_file` the whole fp32 file stays mapped (and resident) beside the
+    quantized weights. After loading, the file is mapped no more, and the model still computes the same."""
+    import gc
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_dir, copy)
+    model = load_quantized(str(copy), "int8")
+    gc.collect()
+    weights = str(copy / "model.safetensors")
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if weights in line]
+    from mmar.quantization import release_checkpoint_file
+
+    batch = MMARPipeline.from_pretrained(tiny_dir).processor([DigitsDataset()[i] for i in range(2)])
+    before = _hidden(model, batch)
+    release_checkpoint_file(model)  # copying again changes nothing
+    assert torch.equal(before, _hidden(model, batch))
+
+
 def test_bad_quantization_names_the_problem(tiny_dir):
     with pytest.raises(ValueError, match="unknown 'int3'"):
         quantization_config("int3")
