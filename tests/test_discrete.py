@@ -66,6 +66,86 @@ def test_codebook_head_cfg_and_generators():
     assert head.loss(cond, target) > 0
 
 
+def _old_codebook_sample(head, cond, uncond=None, guidance_scale=1.0, temperature=1.0, generator=None, top_k=None):
+    """CodebookHead.sample as it was before it used the text sampler's warpers (its own top-k), verbatim."""
+    logits = head.net(cond).float()
+    if uncond is not None:
+        u = head.net(uncond).float()
+        logits = u + guidance_scale * (logits - u)
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    k = head.top_k if top_k is None else top_k
+    if k:
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_codebook_top_k_draws_what_its_own_top_k_drew(per_row):
+    """The shared warpers (transformers' TopKLogitsWarper) give the same codes for the same seeds as the
+    head's former top-k, with and without guidance, at several k and temperatures."""
+    torch.manual_seed(0)
+    head = CodebookHead(cond_dim=8, vocab_size=64, top_k=7)
+    cond, uncond = torch.randn(16, 8), torch.randn(16, 8)
+
+    def gens(seed):
+        return [torch.Generator().manual_seed(seed + i) for i in range(16)] if per_row \
+            else torch.Generator().manual_seed(seed)
+
+    checked = 0
+    for top_k in (None, 0, 1, 3, 64):
+        for temperature in (0.0, 0.6, 1.0, 1.7):
+            for kw in ({}, {"uncond": uncond, "guidance_scale": 3.0}):
+                for seed in range(3):
+                    new = head.sample(cond, temperature=temperature, generator=gens(seed), top_k=top_k, **kw)
+                    old = _old_codebook_sample(head, cond, temperature=temperature, generator=gens(seed),
+                                               top_k=top_k, **kw)
+                    assert torch.equal(new, old), (top_k, temperature, kw.keys(), seed)
+                    checked += 1
+    assert checked == 120
+    # k really restricts the draws: with k = 1 every code is the argmax, without k they spread
+    free = head.sample(cond.repeat(8, 1), top_k=0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(free, head.net(cond.repeat(8, 1)).argmax(-1))
+    assert torch.equal(head.sample(cond, top_k=1, generator=torch.Generator().manual_seed(0)),
+                       head.net(cond).argmax(-1))
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> list[set[int]]:
+    """Each row's smallest set of codes whose probabilities add up to top_p (written out, not the warper)."""
+    out = []
+    for row in logits.softmax(-1):
+        probs, order = row.sort(descending=True)
+        keep = int((probs.cumsum(0) < top_p).sum()) + 1
+        out.append(set(order[:keep].tolist()))
+    return out
+
+
+def test_codebook_top_p_keeps_the_nucleus_for_codes_as_for_text():
+    from mmar.generation.logits import TopP
+    torch.manual_seed(1)
+    head = CodebookHead(cond_dim=8, vocab_size=64, top_p=0.5)
+    cond = torch.randn(4, 8).repeat(50, 1)  # 4 conditions, 50 draws each
+    logits = head.net(cond).float()
+    nucleus = _nucleus(logits, 0.5)
+    drawn = head.sample(cond, generator=torch.Generator().manual_seed(0))  # the head's own top_p
+    assert all(int(c) in keep for c, keep in zip(drawn, nucleus))
+    assert len({int(c) for c in drawn[0::4]}) > 1  # still a draw, not the argmax
+    free = head.sample(cond, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert any(int(c) not in keep for c, keep in zip(free, nucleus))  # without it codes leave the nucleus
+    assert torch.equal(head.sample(cond, top_p=1e-6), logits.argmax(-1))
+    # the same warper the text sampler applies (temperature 1): the same masked logits
+    kept = TopP(0.5)(logits.clone(), None)
+    assert [set(torch.nonzero(r > float("-inf")).flatten().tolist()) for r in kept] == nucleus
+    # a config's head spec sets it
+    from mmar.heads import build_head
+    assert build_head({"name": "codebook", "top_p": 0.9}, cond_dim=8, vocab_size=64).top_p == 0.9
+
+
 def test_model_with_discrete_tokens_trains_saves_and_generates(vq_dir, tmp_path):
     mods = {"image": {"tokenizer": {"path": str(vq_dir)}, "head": {"width": 32}}}
     model, proc = make_tiny(modalities=mods)

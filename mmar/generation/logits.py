@@ -4,7 +4,8 @@
 Each processor maps ``(logits [n, vocab], rows)`` to new logits, where ``rows`` says, for the ``n``
 rows being sampled, how many text tokens and items each has produced so far (tensors, so no
 processor loops over rows in Python). Masks (banned tokens, item starts, the length limits) come
-first, then the warpers (temperature, top-k, top-p); ``choose`` draws the tokens.
+first, then the warpers (temperature, top-k, top-p) and ``choose`` draws the tokens: both from
+:mod:`mmar.sampling`, which the codebook head uses too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from ..sampling import LogitsProcessor, LogitsProcessorList, Temperature, TopK, TopP, draw, warpers
+
+__all__ = ["BanTokens", "LimitItems", "LogitsProcessor", "LogitsProcessorList", "MaxNewTokens", "MinNewTokens",
+           "Temperature", "TextRows", "TopK", "TopP", "build_processors", "choose"]
 
 NEG_INF = float("-inf")
 
@@ -23,20 +28,6 @@ class TextRows:
 
     n_text: torch.Tensor
     n_items: torch.Tensor
-
-
-class LogitsProcessor:
-    def __call__(self, logits: torch.Tensor, rows: TextRows) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class LogitsProcessorList(list):
-    """Applies its processors in order."""
-
-    def __call__(self, logits: torch.Tensor, rows: TextRows) -> torch.Tensor:
-        for processor in self:
-            logits = processor(logits, rows)
-        return logits
 
 
 class BanTokens(LogitsProcessor):
@@ -88,30 +79,6 @@ class MaxNewTokens(LogitsProcessor):
         return torch.where((rows.n_text >= self.max_new_tokens)[:, None], self.only_eos, logits)
 
 
-class Temperature(LogitsProcessor):
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-
-    def __call__(self, logits, rows):
-        return logits / self.temperature
-
-
-class TopK(LogitsProcessor):
-    def __init__(self, top_k: int):
-        self.warper = TopKLogitsWarper(top_k)
-
-    def __call__(self, logits, rows):
-        return self.warper(None, logits)
-
-
-class TopP(LogitsProcessor):
-    def __init__(self, top_p: float):
-        self.warper = TopPLogitsWarper(top_p)
-
-    def __call__(self, logits, rows):
-        return self.warper(None, logits)
-
-
 def build_processors(settings, *, ban_mask: torch.Tensor, start_ids: torch.Tensor, eos: int | None,
                      text_only: bool) -> LogitsProcessorList:
     """The processors for ``settings`` (a :class:`GenerationDefaults`): masks, then warpers unless greedy."""
@@ -119,21 +86,11 @@ def build_processors(settings, *, ban_mask: torch.Tensor, start_ids: torch.Tenso
     if eos is not None:
         procs += [MinNewTokens(settings.min_new_tokens, eos),
                   MaxNewTokens(settings.max_new_tokens, eos, ban_mask.shape[0], ban_mask.device)]
-    if settings.temperature > 0:
-        procs.append(Temperature(settings.temperature))
-        if settings.top_k:
-            procs.append(TopK(settings.top_k))
-        if settings.top_p < 1.0:
-            procs.append(TopP(settings.top_p))
+    procs += warpers(settings.temperature, settings.top_k, settings.top_p)  # shared with the codebook head
     return procs
 
 
 def choose(logits: torch.Tensor, greedy: bool, generator, rows: list[int]) -> torch.Tensor:
     """One token per row of processed ``logits``: argmax when ``greedy``, else a draw from the softmax with
     the shared ``generator`` or, when it is a list, each row's own (``rows`` index it)."""
-    if greedy:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    if isinstance(generator, list):
-        return torch.cat([torch.multinomial(probs[i], 1, generator=generator[b]) for i, b in enumerate(rows)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits, greedy, [generator[b] for b in rows] if isinstance(generator, list) else generator)
