@@ -82,13 +82,18 @@ class TrainingArguments:
     seed: int = 0
     max_steps: int = 2000
     batch_size: int = 64
+    """Samples per loader batch and process."""
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
+    """AdamW's peak learning rate, reached after ``warmup_steps``."""
     weight_decay: float = 0.05
+    """AdamW's, on weight matrices only (not on biases, norms or position embeddings)."""
     adam_beta2: float = 0.95
     warmup_steps: int = 100
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * learning_rate`` at ``max_steps``."""
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
+    """Clip the total gradient norm to this (0: no clipping; the norm is still measured and logged)."""
     max_bad_steps: int = 5
     """A step whose loss is NaN / inf is skipped with a warning; this many in a row abort the run."""
     ema_decay: float = 0.0
@@ -104,8 +109,11 @@ class TrainingArguments:
     torch_compile: bool = False
     """Compile the model with torch.compile (inductor, through accelerate) before training."""
     logging_steps: int = 10
+    """A row of ``output_dir/log.jsonl`` every N optimizer steps and at the last."""
     save_steps: int = 500
+    """A checkpoint (``output_dir/checkpoints/step_N``, safetensors + JSON) every N steps (0: none)."""
     save_total_limit: int = 2
+    """Checkpoints kept, the newest (0: all)."""
     eval_steps: int = 0
     """With held-out data: the eval loss every N steps and at the end (0: every ``logging_steps``)."""
     eval_batch_size: int = 0

@@ -13,7 +13,6 @@ complete one. A failed write (a full disk) removes the partial directory and rai
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from .safe_state import fsync_dir, read_state, write_json, write_state
+from .safe_state import fsync_dir, fsync_file, read_json, read_state, write_json, write_state
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
@@ -92,13 +91,7 @@ def resolve_checkpoint(output_dir: str, which: str | None) -> str | None:
 def read_trainer_state(checkpoint: str) -> dict:
     """Our own part of a checkpoint: ``{"step": N, ...}`` (+ ``epoch`` / ``batches`` for streamed data)."""
     path = os.path.join(checkpoint, STATE)
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: missing (no {STATE})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    state = read_json(path, FileNotFoundError(f"{path}: missing (no {STATE})"))
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise ValueError(f"{path}: no step")
     return state
@@ -274,8 +267,6 @@ MARKERS = ("adapter_config.json", "config.json")  # what a loader looks for in a
 
 
 def _fsync_tree(folder: str) -> None:
-    from .safe_state import fsync_file
-
     for here, _, names in os.walk(folder):
         for n in names:
             fsync_file(os.path.join(here, n))

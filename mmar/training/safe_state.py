@@ -101,6 +101,18 @@ def write_json(path: str, value: Any) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path: str, missing: Exception) -> Any:
+    """The JSON value in ``path``; ``missing`` is raised when there is no such file, a ``ValueError`` naming
+    the file when it is not valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise missing from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
 def write_state(folder: str, name: str, state: Any) -> list[str]:
     """``state`` as ``folder/NAME.safetensors`` (its tensors) + ``folder/NAME.json`` (the rest).
     Returns the file names written."""
@@ -123,13 +135,7 @@ def write_state(folder: str, name: str, state: Any) -> list[str]:
 def read_state(folder: str, name: str) -> Any:
     """What :func:`write_state` wrote; a missing or broken file is a ``ValueError`` naming it."""
     where = os.path.join(folder, f"{name}.json")
-    try:
-        with open(where) as f:
-            doc = json.load(f)
-    except FileNotFoundError as e:
-        raise ValueError(f"{where}: missing from the checkpoint") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
+    doc = read_json(where, ValueError(f"{where}: missing from the checkpoint"))
     if not isinstance(doc, dict) or doc.get("format") != "mmar-state-1":
         raise ValueError(f"{where}: not an mmar state file")
     blob = os.path.join(folder, f"{name}.safetensors")
