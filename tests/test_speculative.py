@@ -122,3 +122,97 @@ def test_discrete_rule_samples_the_target():
     assert stats.chisquare(counts, 4000 * q[0].numpy()).pvalue < 1e-6
     assert speculative_discrete(p, p[:1], torch.tensor([2]), gen)[0] == 1  # q == p: always accepted
     assert math.isclose(float(p.sum(-1)[0]), 1.0)
+
+
+# -- on models ---------------------------------------------------------------------------------------
+
+
+def _prompts(proc, texts):
+    from mmar.types import Message
+
+    enc = [proc.encode([Message("user", [t])], add_generation_prompt=True, start_modality="image") for t in texts]
+    return proc.collate(enc, padding_side="left")
+
+
+def _nudged(model, scale=1e-3, seed=0):
+    """A draft close to ``model``: its copy with the heads' output layers perturbed."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in draft.heads.values():
+            head.net.out.weight.add_(scale * torch.randn(head.net.out.weight.shape, generator=gen))
+    return draft
+
+
+def test_cache_rollback_keeps_the_targets_conditions_exact(tiny, monkeypatch):
+    """Every committed token was drawn from the target's hidden state of the committed prefix: the KV cache
+    after crops equals a fresh forward over the prompt and the committed tokens (batch of uneven prompts,
+    with and without guidance)."""
+    from mmar.generation import speculative
+
+    model, proc = tiny
+    rows = []
+    run = speculative._Row.run
+    monkeypatch.setattr(speculative._Row, "run", lambda self: rows.append(self) or run(self))
+    b = _prompts(proc, ["draw a 3", "draw the digit seven please"])
+    draft = _nudged(model)
+    for guidance in (1.0, 3.0):
+        rows.clear()
+        out = speculative.speculative_generate(model, draft, b["input_ids"], b["attention_mask"], b["values"],
+                                               num_draft_tokens=3, guidance_scale=guidance,
+                                               num_inference_steps=8, generator=torch.Generator().manual_seed(0))
+        assert 0 < out.stats.accepted < out.stats.proposed  # both accepting and rolling back happened
+        for r, row in enumerate(rows):
+            keep = b["attention_mask"][r].bool()
+            ids = b["input_ids"][r, keep]
+            tokens = out.segments[r][0][1]
+            full = torch.cat([ids, torch.full((len(tokens) - 1,), model.placeholder["image"])])[None]
+            h = model(input_ids=full, values={"image": tokens[:-1]}).hidden_states[0, len(ids) - 1:]
+            torch.testing.assert_close(torch.stack(row.conds), h, atol=1e-5, rtol=1e-4)
+
+
+def test_output_has_the_plain_samplers_format(tiny):
+    from mmar.generation import generate
+    from mmar.generation.speculative import layer_draft, speculative_generate
+
+    model, proc = tiny
+    b = _prompts(proc, ["draw a 3", "draw a 5"])
+    plain = generate(model, b["input_ids"], b["attention_mask"], b["values"], mode="image", max_items=1,
+                     max_new_tokens=0)
+    spec = speculative_generate(model, layer_draft(model, 1), b["input_ids"], b["attention_mask"], b["values"],
+                                generator=torch.Generator().manual_seed(0))
+    assert spec.token_ids == plain.token_ids
+    for s_row, p_row in zip(spec.segments, plain.segments):
+        assert [type(s) for s in s_row] == [type(s) for s in p_row]
+        assert s_row[0][0] == p_row[0][0] and s_row[0][1].shape == p_row[0][1].shape
+        image = proc.decode_item(*s_row[0])
+        assert image.size == proc.decode_item(*p_row[0]).size
+    assert spec.stats.tokens == 2 * model.config.modalities["image"].num_tokens
+
+
+def test_draft_equal_to_target_accepts_every_token(tiny):
+    from mmar.generation.speculative import speculative_generate
+
+    model, proc = tiny
+    b = _prompts(proc, ["draw a 3"])
+    out = speculative_generate(model, model, b["input_ids"], b["attention_mask"], b["values"], num_draft_tokens=4,
+                               guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    n = model.config.modalities["image"].num_tokens
+    assert out.stats.accepted == out.stats.proposed > 0
+    assert out.stats.target_calls == math.ceil(n / 5)  # 4 drafts + 1 target token per call
+    assert out.stats.residual_tries == 0
+
+
+def test_layer_draft_shares_the_targets_weights(tiny):
+    from mmar.generation.speculative import layer_draft
+
+    model, _ = tiny
+    draft = layer_draft(model, 1)
+    assert len(draft.decoder.layers) == 1 and len(model.decoder.layers) == 2
+    assert draft.decoder.layers[0].mlp.up_proj.weight is model.decoder.layers[0].mlp.up_proj.weight
+    assert draft.heads["image"].net.out.weight is model.heads["image"].net.out.weight
+    assert model.config.backbone_config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="num_layers"):
+        layer_draft(model, 2)

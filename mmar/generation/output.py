@@ -11,6 +11,7 @@ from the marker after their start token.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ class GenerationOutput:
 
     segments: list[list] = field(default_factory=list)
     token_ids: list[list[int]] = field(default_factory=list)
+    stats: Any = None  # a speculative call's SpeculativeStats (mmar.generation.speculative)
 
 
 class RowOutput:
