@@ -123,8 +123,11 @@ class MMARProcessor:
         return modality, tok.encode(item[None])[0], tok.size_of(item)
 
     def encode(self, sample: Any, *, add_generation_prompt: bool = False, drop_prompt: bool = False,
-               start_modality: str | None = None, start_size: tuple[int, int] | None = None) -> Encoded:
-        """Lay out one sample. ``drop_prompt`` removes the non-assistant text (condition dropout);
+               drop_items: bool = False, start_modality: str | None = None,
+               start_size: tuple[int, int] | None = None) -> Encoded:
+        """Lay out one sample. ``drop_prompt`` removes the non-assistant text (condition dropout: what the
+        ``items`` branch of guidance sees); with ``drop_items`` too the non-assistant items go as well
+        (BOS and the answer only: the ``none`` branch);
         ``add_generation_prompt`` leaves the sequence open for the model to answer, optionally
         already inside a ``start_modality`` item (forced text-to-image), of ``start_size`` (height,
         width) when given and the modality has several sizes (else the model picks the size)."""
@@ -140,6 +143,8 @@ class MMARProcessor:
                 ids += self.role_prefix(msg.role)
                 labels += [IGNORE] * len(self.role_prefix(msg.role))
             for seg in msg.content:
+                if drop_prompt and drop_items and not train:
+                    continue
                 if isinstance(seg, Text):
                     if drop_prompt and not train:
                         continue

@@ -117,3 +117,39 @@ def test_condition_dropout_empties_generation_prompts(tiny):
     i2t = [ds[i] for i in range(len(ds)) if ds.index[i][0] == "i2t"][:50]
     kept = Collator(proc, cond_dropout_prob=1.0)(i2t)  # understanding samples keep their question
     assert torch.equal(kept["input_ids"], proc(i2t)["input_ids"])
+
+
+def test_item_dropout_trains_the_none_branch_of_editing(tiny):
+    """Editing samples (input image + instruction -> image) lose their text with ``cond_dropout_prob`` (the
+    ``items`` branch of dual guidance) and their whole prompt, image too, with ``item_dropout_prob`` (the
+    ``none`` branch: BOS and the answer): exactly the indices the seeded draws pick, laid out as the
+    processor's ``drop_items`` encoding; text-to-image samples drop as before whatever ``item_dropout_prob``."""
+    import random
+
+    import numpy as np
+
+    from mmar.types import Image, Message
+
+    _, proc = tiny
+    rng = np.random.default_rng(0)
+    pics = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(2)]
+    edit = [Message("user", [Image(pics[0]), "make it brighter"]), Message("assistant", [Image(pics[1])])]
+    samples = [(i, edit) for i in range(300)]
+    p, q = 0.2, 0.3
+    out = Collator(proc, cond_dropout_prob=p, item_dropout_prob=q, seed=3)(samples)["input_ids"]
+    u = [random.Random(f"mmar-dropout-3-0-{i}").random() for i in range(300)]
+    layouts = {k: torch.tensor(proc.encode(edit, **kw).input_ids) for k, kw in
+               [("full", {}), ("items", {"drop_prompt": True}), ("none", {"drop_prompt": True, "drop_items": True})]}
+    assert len(layouts["none"]) < len(layouts["items"]) < len(layouts["full"])
+    for row, ui in zip(out, u):
+        want = layouts["items" if ui < p else "none" if ui < p + q else "full"]
+        assert torch.equal(row[:len(want)], want) and (len(want) == len(row) or row[len(want)] == proc.pad_id)
+    none = layouts["none"].tolist()
+    assert none[0] == proc.bos_id and none[1] == proc.token_ids["image"]["start"]  # BOS, then the answer
+    assert 60 <= sum(p <= x < p + q for x in u) <= 120  # Binomial(300, 0.3), mean 90
+    ds = build_dataset("digits")
+    t2i = [(i, ds[i]) for i in range(len(ds)) if ds.index[i][0] == "t2i"][:100]
+    base = Collator(proc, cond_dropout_prob=p, seed=3)(t2i)["input_ids"]
+    assert torch.equal(Collator(proc, cond_dropout_prob=p, item_dropout_prob=q, seed=3)(t2i)["input_ids"], base)
+    with pytest.raises(ValueError, match="sum <= 1"):
+        Collator(proc, cond_dropout_prob=0.7, item_dropout_prob=0.4)

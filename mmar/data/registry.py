@@ -78,10 +78,20 @@ def build_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
     return _DATASETS[name](split, **kwargs)
 
 
+def _has_item(sample, in_answer: bool) -> bool:
+    """True when an assistant turn (``in_answer``) or another turn holds an item (not text)."""
+    return any((m.role == "assistant") == in_answer and any(not isinstance(s, str) and not hasattr(s, "text")
+                                                           for s in m.content) for m in as_messages(sample))
+
+
 def is_generation_sample(sample) -> bool:
     """True when the assistant produces an image / audio item (so the prompt is its condition)."""
-    return any(m.role == "assistant" and any(not isinstance(s, str) and not hasattr(s, "text") for s in m.content)
-               for m in as_messages(sample))
+    return _has_item(sample, in_answer=True)
+
+
+def has_prompt_items(sample) -> bool:
+    """True when a non-assistant turn holds an item (an editing sample's input image)."""
+    return _has_item(sample, in_answer=False)
 
 
 class SafeDataset(Dataset):
@@ -103,7 +113,11 @@ class SafeDataset(Dataset):
 
 class Collator:
     """Encode samples with the processor; with probability ``cond_dropout_prob`` a generation
-    sample loses its prompt text, so classifier-free guidance has an unconditional branch.
+    sample loses its prompt text, so classifier-free guidance has an unconditional branch. A generation
+    sample whose prompt holds items (editing: an input image and an instruction) loses its whole prompt,
+    items too, with probability ``item_dropout_prob`` (InstructPix2Pix's "both dropped"), so that the
+    ``none`` branch of dual guidance is trained on such data; the two draws share one number, so the
+    shares are exact and ``item_dropout_prob`` 0 changes nothing else.
     Each draw is a function of (seed, epoch, sample index) when items come as ``(index, sample)`` (see
     :class:`SafeDataset`), never of a global RNG: data loaders prepare batches ahead, so a global draw
     would be taken before a checkpoint for a batch trained after it, and a resumed run would differ.
@@ -114,8 +128,12 @@ class Collator:
     are packed into rows of that many tokens (:meth:`MMARProcessor.pack`) instead of padded."""
 
     def __init__(self, processor: MMARProcessor, cond_dropout_prob: float = 0.0, pack_length: int = 0,
-                 seed: int = 0, max_length: int = 0):
+                 seed: int = 0, max_length: int = 0, item_dropout_prob: float = 0.0):
+        if not (0 <= cond_dropout_prob and 0 <= item_dropout_prob and cond_dropout_prob + item_dropout_prob <= 1):
+            raise ValueError(f"need cond_dropout_prob, item_dropout_prob >= 0 with a sum <= 1, got "
+                             f"{cond_dropout_prob} and {item_dropout_prob}")
         self.processor, self.p, self.pack_length = processor, cond_dropout_prob, pack_length
+        self.p_items = item_dropout_prob
         self.max_length = max_length
         self.seed, self.epoch, self._calls = seed, 0, 0
         self.skipped, self.reasons = 0, []
@@ -126,6 +144,18 @@ class Collator:
             index = -self._calls
         return random.Random(f"mmar-dropout-{self.seed}-{self.epoch}-{index}").random()
 
+    def _dropout(self, sample, index: int | None) -> tuple[bool, bool]:
+        """(drop the prompt's text, drop its items too) for one sample: one draw ``u``; the text goes when
+        ``u < p``, everything when ``p <= u < p + p_items`` and the prompt holds items."""
+        if not (self.p > 0 or self.p_items > 0) or not is_generation_sample(sample):
+            return False, False
+        u = self._draw(index)
+        if u < self.p:
+            return True, False
+        if self.p_items > 0 and u < self.p + self.p_items and has_prompt_items(sample):
+            return True, True
+        return False, False
+
     def __call__(self, samples: list) -> dict | None:
         enc = []
         for item in samples:
@@ -133,8 +163,8 @@ class Collator:
             try:
                 if isinstance(s, BadSample):
                     raise ValueError(s)
-                drop = self.p > 0 and is_generation_sample(s) and self._draw(index) < self.p
-                enc.append(self.processor.encode(s, drop_prompt=drop))
+                drop, items = self._dropout(s, index)
+                enc.append(self.processor.encode(s, drop_prompt=drop, drop_items=items))
             except (ValueError, TypeError, OSError) as e:
                 self.skipped += 1
                 if len(self.reasons) < 3:

@@ -48,6 +48,9 @@ class ModelArguments:
     modalities: dict = field(default_factory=_default_modalities)
     diffusion_loss_weight: float = 1.0
     cond_dropout_prob: float = 0.1
+    cond_item_dropout_prob: float = 0.0
+    """Editing data: the share of samples with an input image whose whole prompt, image too, is dropped
+    (the ``none`` branch of dual guidance, InstructPix2Pix's 5%); ``cond_dropout_prob`` drops the text only."""
     attn_implementation: str = "sdpa"
 
 

@@ -329,7 +329,7 @@ def setup(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments)
     if targs.torch_compile:
         acc.print(f"mmar: torch.compile: {compile_blocks(model)} decoder layers (inductor)")
     collator = Collator(processor, margs.cond_dropout_prob, pack_length=max_length if dargs.packing else 0,
-                        seed=targs.seed, max_length=max_length)
+                        seed=targs.seed, max_length=max_length, item_dropout_prob=margs.cond_item_dropout_prob)
     loader = make_loader(dataset, stream, collator, dargs, targs)
     opt = make_optimizer(param_groups(model, targs.weight_decay), targs.learning_rate, targs.adam_beta2)
     # accelerate steps a prepared schedule once per process at each optimizer step (its convention for
