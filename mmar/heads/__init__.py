@@ -2,9 +2,10 @@
 
 from .base import Head, available_heads, build_head, head_defaults, register_head
 from .codebook import CodebookHead
-from .diffusion import DiffusionHead, SimpleMLPAdaLN
+from .continuous import ContinuousHead, SimpleMLPAdaLN
+from .diffusion import DiffusionHead
 from .fewstep import FewStepHead
 from .flow import FlowHead
 
-__all__ = ["Head", "CodebookHead", "DiffusionHead", "FewStepHead", "FlowHead", "SimpleMLPAdaLN", "available_heads", "build_head",
+__all__ = ["Head", "CodebookHead", "ContinuousHead", "DiffusionHead", "FewStepHead", "FlowHead", "SimpleMLPAdaLN", "available_heads", "build_head",
            "head_defaults", "register_head"]

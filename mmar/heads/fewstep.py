@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from .base import Head, register_head, signature_defaults
-from .diffusion import FREQ_DIM, DiffusionHead, SimpleMLPAdaLN, timestep_features
-from .flow import TIME_SCALE, FlowHead
+from .continuous import FREQ_DIM, ContinuousHead, timestep_features
+from .diffusion import DiffusionHead
+from .flow import TIME_SCALE, FlowHead, shifted
+from .guidance import guidance_rows, guide
 
 GUIDE_SCALE = 100.0  # a guidance scale w is embedded as w * 100 (the sinusoidal features' useful range)
 TEACHERS = ("diffusion", "flow")
@@ -69,7 +70,7 @@ class TeacherSchedule:
         self.width, self.depth = spec["width"], spec["depth"]
         if self.kind == "flow":
             ts = torch.linspace(1.0, 0.0, teacher_steps + 1, dtype=torch.float64)
-            ts = spec["shift"] * ts / (1 + (spec["shift"] - 1) * ts)  # FlowHead.time_grid
+            ts = shifted(ts, spec["shift"])  # FlowHead.time_grid
             self.times, self._t = (ts * TIME_SCALE).tolist(), ts.tolist()
             return
         if spec["scheduler"] != "DDIMScheduler" or spec["eta"] != 0:
@@ -99,30 +100,22 @@ class TeacherSchedule:
         return ar / at, sr - ar * st / at  # epsilon: x0 = (x - s_t eps) / a_t
 
 
-def _guided(out: torch.Tensor, cfg: bool, w: torch.Tensor | float) -> torch.Tensor:
-    if not cfg:
-        return out
-    oc, ou = out.chunk(2)
-    return torch.lerp(ou, oc, w)  # u + w (c - u)
-
-
 @register_head("fewstep")
-class FewStepHead(Head):
+class FewStepHead(ContinuousHead):
     def __init__(self, token_dim: int, cond_dim: int, teacher: dict, steps: int = 1, teacher_steps: int = 50,
                  guidance_scales: list[float] | tuple[float, ...] = (1.0, 3.0), num_inference_steps: int | None = None):
         """``teacher``: the distilled head's spec (its network's size, schedule and sampler); ``steps``: the
         grid the student was distilled on (it samples in 1..``steps`` evaluations, ``num_inference_steps``
         by default); ``teacher_steps``: the teacher's steps; ``guidance_scales``: the CFG scales distilled."""
-        super().__init__()
         if not 1 <= steps <= teacher_steps:
             raise ValueError(f"need 1 <= steps <= teacher_steps, got steps={steps}, teacher_steps={teacher_steps}")
-        self.token_dim, self.steps, self.teacher_steps = token_dim, steps, teacher_steps
+        schedule = TeacherSchedule(dict(teacher), teacher_steps)
+        super().__init__(token_dim, cond_dim, schedule.width, schedule.depth)
+        self.steps, self.teacher_steps, self.schedule = steps, teacher_steps, schedule
         self.teacher, self.guidance_scales = dict(teacher), [float(w) for w in guidance_scales]
         self.num_inference_steps = num_inference_steps or steps
         self.check_steps(self.num_inference_steps)
-        self.schedule = TeacherSchedule(self.teacher, teacher_steps)
         self.grid = [k * teacher_steps // steps for k in range(steps + 1)]  # student grid, as teacher states
-        self.net = SimpleMLPAdaLN(token_dim, cond_dim, self.schedule.width, self.schedule.depth)
         self.target_embed = _embedding(self.schedule.width)
         self.guide_embed = _embedding(self.schedule.width)
 
@@ -163,13 +156,12 @@ class FewStepHead(Head):
         w = w.expand(x.shape[0]) if w.numel() == 1 else w
         times = torch.tensor([self.schedule.times[ti], self.schedule.times[tj]], device=x.device)
         feats = timestep_features(times).to(x.dtype)
-        y = self.net.cond_embed(torch.cat([cond, uncond]) if cfg else cond) + self.net.time_embed(feats[0]) \
-            + self.target_embed(feats[1])
-        g = self.guide_embed(timestep_features(w * GUIDE_SCALE).to(x.dtype))
-        y = y + (torch.cat([g, g]) if cfg else g)
-        out = self.net.denoise(torch.cat([x, x]) if cfg else x, self.net.modulations(y))
+        rows, branches = guidance_rows(cond, uncond)
+        y = self.net.cond_embed(rows) + self.net.time_embed(feats[0]) + self.target_embed(feats[1])
+        y = y + self.guide_embed(timestep_features(w * GUIDE_SCALE).to(x.dtype)).repeat(branches, 1)
+        out = self.net.denoise(x.repeat(branches, 1), self.net.modulations(y))
         a, b = self.schedule.coef(ti, tj)
-        return a * x + b * _guided(out, cfg, w[:, None])
+        return a * x + b * guide(out, branches, w[:, None])
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
@@ -178,8 +170,7 @@ class FewStepHead(Head):
         """Draw one token per row of ``cond`` in ``num_inference_steps`` (default: the head's) network
         evaluations, from noise scaled by ``temperature`` (the teacher's convention)."""
         path = self.path(num_inference_steps or self.num_inference_steps)
-        x = temperature * randn_tensor((cond.shape[0], self.token_dim), generator=generator, device=cond.device,
-                                       dtype=cond.dtype)
+        x = self.initial_noise(cond, generator, temperature)
         for i, j in zip(path[:-1], path[1:]):
             x = self.jump(x, i, j, cond, uncond, guidance_scale)
         return x
@@ -191,14 +182,15 @@ class FewStepHead(Head):
         """The teacher's deterministic ``teacher_steps``-step sample from ``noise``, its states at the
         student grid's times: ``[steps + 1, n, token_dim]`` (the last is what ``teacher.sample`` draws
         from the same noise)."""
-        sch, net, cfg = self.schedule, teacher.net, uncond is not None
-        c = net.cond_embed(torch.cat([cond, uncond]) if cfg else cond)
+        sch, net = self.schedule, teacher.net
+        rows, branches = guidance_rows(cond, uncond)
+        c = net.cond_embed(rows)
         t_emb = net.time_embed(timestep_features(torch.tensor(sch.times[:-1], device=cond.device)).to(c.dtype))
         x, states = noise, [noise]
         for i in range(self.teacher_steps):
-            out = net.denoise(torch.cat([x, x]) if cfg else x, net.modulations(t_emb[i] + c))
+            out = net.denoise(x.repeat(branches, 1), net.modulations(t_emb[i] + c))
             a, b = sch.coef(i, i + 1)
-            x = a * x + b * _guided(out, cfg, guidance_scale)
+            x = a * x + b * guide(out, branches, guidance_scale)
             if i + 1 in self.grid:
                 states.append(x)
         return torch.stack(states)

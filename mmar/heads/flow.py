@@ -14,32 +14,32 @@ branches' velocities, ``u + s * (c - u)``, on the same ``x_t`` (the diffusion he
 from __future__ import annotations
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from .base import Head, register_head
-from .diffusion import SimpleMLPAdaLN, timestep_features
-from .guidance import guidance_rows, guide
+from .base import register_head
+from .continuous import ContinuousHead
 
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000, the range the sinusoidal features were made for
 TIME_SAMPLING = ("logit_normal", "uniform")
 
 
+def shifted(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift ``s t / (1 + (s - 1) t)``: ``shift`` > 1 spends more steps near the noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 @register_head("flow")
-class FlowHead(Head):
+class FlowHead(ContinuousHead):
     def __init__(self, token_dim: int, cond_dim: int, width: int = 256, depth: int = 3,
                  diffusion_batch_mul: int = 4, time_sampling: str = "logit_normal", logit_mean: float = 0.0,
                  logit_std: float = 1.0, shift: float = 1.0, num_inference_steps: int = 8):
         """``diffusion_batch_mul``: noise draws per token in training (the diffusion head's name, so a
         config switches heads by changing ``name`` only). ``shift`` > 1 warps the sampling time grid
         towards the noisy end (``t' = s t / (1 + (s - 1) t)``, SD3); 1 keeps it uniform."""
-        super().__init__()
         if time_sampling not in TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {TIME_SAMPLING}, got {time_sampling!r}")
         if num_inference_steps < 1 or shift <= 0:
             raise ValueError(f"need num_inference_steps >= 1 and shift > 0, got {num_inference_steps}, {shift}")
-        self.token_dim = token_dim
-        self.net = SimpleMLPAdaLN(token_dim, cond_dim, width, depth)
-        self.batch_mul = diffusion_batch_mul
+        super().__init__(token_dim, cond_dim, width, depth, diffusion_batch_mul)
         self.time_sampling, self.logit_mean, self.logit_std = time_sampling, logit_mean, logit_std
         self.shift, self.num_inference_steps = shift, num_inference_steps
 
@@ -51,7 +51,7 @@ class FlowHead(Head):
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean squared error of the predicted velocity, ``diffusion_batch_mul`` (t, noise) draws per token."""
-        cond, x0 = cond.repeat(self.batch_mul, 1), target.repeat(self.batch_mul, 1)
+        cond, x0 = self.draws(cond, target)
         t = self.sample_time(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         tt = t.to(x0.dtype)[:, None]
@@ -62,33 +62,15 @@ class FlowHead(Head):
     # -- sampling ------------------------------------------------------------------------------
     def time_grid(self, steps: int, device=None) -> torch.Tensor:
         """``steps + 1`` times from 1 (noise) down to 0 (data)."""
-        t = torch.linspace(1.0, 0.0, steps + 1, device=device)
-        return self.shift * t / (1 + (self.shift - 1) * t)
+        return shifted(torch.linspace(1.0, 0.0, steps + 1, device=device), self.shift)
 
-    @torch.no_grad()
-    def sample(self, cond: torch.Tensor, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-               temperature: float = 1.0, num_inference_steps: int | None = None,
-               generator: torch.Generator | list[torch.Generator] | None = None,
-               image_guidance_scale: float | None = None) -> torch.Tensor:
-        """Draw one token per row of ``cond`` by Euler integration of the learned velocity.
-
-        With ``uncond`` (the unconditional branch's hidden states), classifier-free guidance mixes the
-        two velocities, ``u + s * (c - u)``; with ``uncond = (image_only, none)`` dual guidance adds
-        ``image_guidance_scale`` (:mod:`.guidance`). ``temperature`` scales the initial noise. ``generator`` may be
-        a list with one generator per row (diffusers' convention).
-        """
-        steps = num_inference_steps or self.num_inference_steps
+    def integrate(self, cond: torch.Tensor, uncond, guidance: tuple[float, float | None], temperature: float,
+                  steps: int, generator) -> torch.Tensor:
+        """Euler integration of the learned velocity from ``t = 1`` (noise) to ``t = 0``."""
         ts = self.time_grid(steps, cond.device)
-        n, dtype = cond.shape[0], cond.dtype
-        x = temperature * randn_tensor((n, self.token_dim), generator=generator, device=cond.device, dtype=dtype)
-        rows, branches = guidance_rows(cond, uncond)
-        c = self.net.cond_embed(rows)
-        # the condition is fixed: every step's AdaLN modulations in one batched call per layer
-        t_emb = self.net.time_embed(timestep_features(ts[:-1] * TIME_SCALE).to(c.dtype))
-        mods = self.net.per_step(self.net.modulations(t_emb[:, None, :] + c[None]))
+        x = self.initial_noise(cond, generator, temperature)
+        mods, branches = self.step_modulations(cond, uncond, ts[:-1] * TIME_SCALE)
         dts = (ts[1:] - ts[:-1]).tolist()  # negative: t runs from 1 to 0
         for i, dt in enumerate(dts):
-            v = self.net.denoise(x.repeat(branches, 1) if branches > 1 else x, mods[i])
-            v = guide(v, branches, guidance_scale, image_guidance_scale)
-            x = torch.add(x, v, alpha=dt)
+            x = torch.add(x, self.guided_output(x, mods[i], branches, guidance), alpha=dt)
         return x
