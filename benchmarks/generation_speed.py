@@ -14,6 +14,8 @@ Where ``--fast`` does not exist yet it is distilled first (``mmar distill-head``
 Without a flow model, ``--flow_frozen STEPS --recipe CONFIG`` trains a flow head on the teacher's frozen
 backbone (as ``flow_vs_diffusion.py --frozen`` does) for the flow row. A zero-cost head (zeros) gives the
 ceiling of any head speed-up: the backbone step and the sampler alone.
+With ``--speculative LAYERS K``: continuous speculative decoding (a draft of the first LAYERS layers, K drafts
+per target call) beside its reference, the same stochastic DDIM chain drawn by the target alone.
 Writes the section "generation-speed" of BENCHMARKS.md and the headline block of README.md.
 """
 
@@ -43,6 +45,7 @@ def draw(pipe, digits: list[int], batch: int, guidance: float, steps: int | None
     for k in range(0, len(digits), batch):
         chunk = digits[k:k + batch]
         gens = [torch.Generator().manual_seed(k + i) for i in range(len(chunk))]
+        gens = torch.Generator().manual_seed(k) if "draft" in extra else gens  # speculative: one per call
         start = time.perf_counter()
         out = pipe([t2i_prompt(d, k + i) for i, d in enumerate(chunk)], mode="image", guidance_scale=guidance,
                    num_inference_steps=steps, generator=gens, max_items=1, **extra)
@@ -106,6 +109,12 @@ def settings(args) -> list[tuple[str, str, int | None, dict]]:
     if args.compile:
         rows.append(("few-step head, 1 step, compiled static-cache sampler", args.fast[0], 1,
                      {"cache_implementation": "static", "compile": True}))
+    if args.speculative:  # its reference: the same stochastic chain drawn by the target alone (k = 0)
+        L, k = args.speculative
+        rows += [("stochastic DDIM 50 (eta 1), target alone: speculative decoding's reference", args.model, 50,
+                  {"draft": L, "num_draft_tokens": 0}),
+                 (f"speculative decoding, draft = first {L} layers, {k} drafts per call, stochastic DDIM 50",
+                  args.model, 50, {"draft": L, "num_draft_tokens": k})]
     return rows
 
 
@@ -213,6 +222,8 @@ def main() -> None:
                     help="no flow model at hand: train a flow head for STEPS steps on --model's frozen backbone")
     ap.add_argument("--recipe", default="configs/digits.yaml", help="--model's training config (for --flow_frozen)")
     ap.add_argument("--compile", action="store_true", help="also the compiled static-cache sampler (slow to compile)")
+    ap.add_argument("--speculative", type=int, nargs=2, default=None, metavar=("LAYERS", "K"),
+                    help="also continuous speculative decoding: a draft of the first LAYERS layers, K drafts per call")
     ap.add_argument("--per_digit", type=int, default=10)
     ap.add_argument("--single", type=int, default=10, help="images drawn one at a time for the batch-1 rate")
     ap.add_argument("--guidance_scale", type=float, default=3.0)
@@ -244,7 +255,8 @@ def main() -> None:
         "## Generation speed: images per second at equal quality (digits)", "",
         f"`python benchmarks/generation_speed.py --model {args.model} --fast {' '.join(args.fast)}"
         + (f" --flow_frozen {args.flow_frozen} --recipe {args.recipe}" if args.flow_frozen else
-           f" --flow {args.flow}" if args.flow else "") + (" --compile" if args.compile else "")
+           f" --flow {args.flow}" if args.flow else "") + (" --compile" if args.compile else "") + \
+        (f" --speculative {args.speculative[0]} {args.speculative[1]}" if args.speculative else "")
         + f"` on {machine()}. **The machine was shared with other jobs: absolute times are noisy; compare the "
         "ratios, measured within this one run** (best of " + f"{args.repeat}, settings taken in turn). Teacher "
         f"`{args.model}` ({size}), few-step heads {', '.join(f'`{d}`' for d in args.fast)}{made}. End to end through "

@@ -21,6 +21,7 @@ from PIL import Image as PILImage
 
 from .adapters import LoraLoaderMixin, is_adapter_dir, load_adapter_pipeline
 from .generation import DEFAULT_GUIDANCE, GENERATION_CONFIG_NAME, GenerationDefaults, generate  # noqa: F401 (re-exported)
+from .generation.speculative import layer_draft, speculative_generate
 from .io import convert_image, pixel_limit
 from .io import load_image as _open_image
 from .limits import InputLimits
@@ -38,6 +39,7 @@ class MMARPipelineOutput:
 
     segments: list[list[Any]] = field(default_factory=list)
     latents: list[list[tuple[str, torch.Tensor]]] = field(default_factory=list)
+    stats: Any = None  # speculative decoding's SpeculativeStats (``draft=``), else None
 
     @property
     def text(self) -> list[str]:
@@ -272,7 +274,8 @@ class MMARPipeline(LoraLoaderMixin):
         return _Request(prompts, self._media_lists(prompts, batch, media), mode, generator, settings,
                         self.image_size(*size))
 
-    def _run(self, req: _Request, callback=None):
+    def _inputs(self, req: _Request):
+        """The request's prompts encoded and collated on the model's device: ids, mask, values, sizes."""
         start = req.mode if req.mode in self.processor.modality_tokenizers else None
         start_size = req.size if start == Image.modality else None
         enc = [self._encode(self._prompt(p, media), start, req.mode, start_size)
@@ -283,12 +286,35 @@ class MMARPipeline(LoraLoaderMixin):
         b = self.processor.collate(enc, padding_side="left")
         dev = self.device
         values = {m: v.to(dev) for m, v in b["values"].items()}
+        return b["input_ids"].to(dev), b["attention_mask"].to(dev), values, sizes
+
+    def _run(self, req: _Request, callback=None):
+        input_ids, attention_mask, values, sizes = self._inputs(req)
         with self._lock:
-            return generate(self.model, b["input_ids"].to(dev), b["attention_mask"].to(dev), values,
-                            config=req.settings, decode_text=self.processor.decode_text, mode=req.mode,
+            return generate(self.model, input_ids, attention_mask, values, config=req.settings, decode_text=self.processor.decode_text, mode=req.mode,
                             generator=req.generator, suppress_ids=self.processor.tokenizer.all_special_ids,
                             eos_token_id=self.processor.stop_id, progress=self.progress, callback=callback,
                             sizes=sizes)
+
+    def _run_speculative(self, req: _Request, draft, num_draft_tokens: int):
+        """The item each prompt opens, by continuous speculative decoding (:mod:`mmar.generation.speculative`);
+        ``draft``: a model sharing this one's tokenizers, or a layer count (the first layers of this model)."""
+        if req.mode not in self.processor.modality_tokenizers:
+            raise ValueError(f"draft= (speculative decoding) needs mode set to a modality, got mode={req.mode!r}")
+        if isinstance(req.generator, (list, tuple)):
+            raise ValueError("draft= takes one torch.Generator for the call, not a list")
+        if isinstance(draft, int) and not isinstance(draft, bool):  # built per call: it follows adapters
+            draft = layer_draft(self.model, draft)
+        input_ids, attention_mask, values, sizes = self._inputs(req)
+        if sizes:
+            raise ValueError("draft= (speculative decoding) does not draw items of several sizes yet")
+        s = req.settings
+        with self._lock:
+            return speculative_generate(self.model, draft, input_ids, attention_mask, values,
+                                        num_draft_tokens=num_draft_tokens, guidance_scale=s.guidance_scale,
+                                        image_temperature=s.image_temperature,
+                                        num_inference_steps=s.num_inference_steps, generator=req.generator,
+                                        eos_token_id=self.processor.stop_id, decode_text=self.processor.decode_text)
 
     @property
     def limits(self) -> InputLimits:
@@ -316,8 +342,8 @@ class MMARPipeline(LoraLoaderMixin):
     @torch.no_grad()
     def __call__(self, prompt: Any, images: list | None = None, *, audio: list | None = None,
                  media: dict[str, list] | None = None, mode: str = "auto", generator=None, output_type: str = "pil",
-                 height: int | None = None, width: int | None = None,
-                 **sampling) -> MMARPipelineOutput:
+                 height: int | None = None, width: int | None = None, draft: MMARModel | int | None = None,
+                 num_draft_tokens: int = 4, **sampling) -> MMARPipelineOutput:
         """``prompt``: a string, a conversation (list of messages), or a list of those (a batch). ``images``:
         images that go before the text of a string prompt (one list per prompt in a batch). ``audio``:
         audio clips (paths, :class:`Audio`, or ``(waveform, sampling_rate)``) that go after the images,
@@ -329,12 +355,16 @@ class MMARPipeline(LoraLoaderMixin):
         ``guidance_scale``, ``image_temperature``, ``num_inference_steps``, ``max_items``, ...); those left
         out or ``None`` come from ``self.generation_config``. Editing: an input image in ``images``, the
         instruction as ``prompt``, ``mode="image"`` and ``image_guidance_scale`` (dual guidance, with
-        ``guidance_scale`` for the instruction; see :mod:`mmar.generation.branches`)."""
-        out = self._run(self._request(prompt, self._media(images, audio, media), mode, generator, sampling,
-                                      size=(height, width)))
+        ``guidance_scale`` for the instruction; see :mod:`mmar.generation.branches`). ``draft``: continuous
+        speculative decoding of the item ``mode`` opens (a model with the same tokenizers, or ``L`` for this
+        model's first ``L`` layers), ``num_draft_tokens`` proposed per target call; the output's ``stats``
+        count the acceptances (:mod:`mmar.generation.speculative`)."""
+        req = self._request(prompt, self._media(images, audio, media), mode, generator, sampling,
+                            size=(height, width))
+        out = self._run(req) if draft is None else self._run_speculative(req, draft, num_draft_tokens)
         segments = [[s if isinstance(s, str) else self._decode(s, output_type) for s in row] for row in out.segments]
         latents = [[s for s in row if not isinstance(s, str)] for row in out.segments]
-        return MMARPipelineOutput(segments=segments, latents=latents)
+        return MMARPipelineOutput(segments=segments, latents=latents, stats=out.stats)
 
     def stream(self, prompt: Any, images: list | None = None, *, audio: list | None = None,
                media: dict[str, list] | None = None, mode: str = "auto", generator=None, output_type: str = "pil",

@@ -216,3 +216,22 @@ def test_layer_draft_shares_the_targets_weights(tiny):
     assert model.config.backbone_config.num_hidden_layers == 2
     with pytest.raises(ValueError, match="num_layers"):
         layer_draft(model, 2)
+
+
+def test_pipeline_draft_option(tiny_dir):
+    from mmar.pipeline import MMARPipeline
+
+    pipe = MMARPipeline.from_pretrained(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(mode="image", max_items=1, max_new_tokens=0, output_type="latent")
+    plain = pipe(["draw a 3", "draw a 5"], generator=torch.Generator().manual_seed(0), **kw)
+    spec = pipe(["draw a 3", "draw a 5"], draft=1, num_draft_tokens=2, generator=torch.Generator().manual_seed(0), **kw)
+    assert plain.stats is None and spec.stats.tokens == 2 * 16
+    assert [[(m, t.shape) for m, t in row] for row in spec.latents] == \
+        [[(m, t.shape) for m, t in row] for row in plain.latents]
+    image = pipe("draw a 3", draft=1, mode="image", generator=torch.Generator().manual_seed(0)).images[0][0]
+    assert image.size == pipe("draw a 3", mode="image", max_items=1, max_new_tokens=0).images[0][0].size
+    with pytest.raises(ValueError, match="mode"):
+        pipe("draw a 3", draft=1)
+    with pytest.raises(ValueError, match="image_temperature > 0"):
+        pipe("draw a 3", draft=1, mode="image", image_temperature=0.0)
