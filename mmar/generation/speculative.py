@@ -33,7 +33,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..compat import CACHE
-from ..heads.diffusion import DiffusionHead, timestep_features
+from ..heads.continuous import timestep_features
+from ..heads.diffusion import DiffusionHead
 from ..heads.guidance import guidance_rows, guide
 from .branches import FULL, NONE, branch_masks
 from .output import GenerationOutput, RowOutput, assemble
