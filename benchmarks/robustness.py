@@ -60,7 +60,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def fuzz(examples: int) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "tests/robustness/test_fuzz.py", "-s", "-q", "-p", "no:cacheprovider"]
+    # -rfE: the FAILED lines counted below, whatever the project's addopts say
+    cmd = [sys.executable, "-m", "pytest", "tests/robustness/test_fuzz.py", "-s", "-q", "-rfE", "-p", "no:cacheprovider"]
     start = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env={**ENV, "FUZZ_EXAMPLES": str(examples)}, capture_output=True, text=True)
     groups = [{"name": m[1], "cases": int(m[2]), "clear": int(m[3]), "accepted": int(m[4])}

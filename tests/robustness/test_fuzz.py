@@ -384,7 +384,7 @@ def test_damaged_checkpoints_never_run_code(checkpointed_run, tmp_path_factory, 
     elif kind == "delete":
         target.unlink()
     elif kind == "json value" and target.suffix == ".json":
-        target.write_text(json.dumps({"format": "mmar-state-1", "state": json.loads(blob.decode("latin-1").join('""'))
+        target.write_text(json.dumps({"format": "mmar-state-1", "state": blob.decode("latin-1")
                                       if at % 2 else {"__ndarray__": "x", "dtype": "<f4"}}))
     else:  # planted pickles next to the real files
         for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin"):
