@@ -148,6 +148,13 @@ def test_sampler_rows_see_only_their_branch_while_drawing(chatml, digits, monkey
     boost = torch.zeros(model.lm_head.out_features)
     boost[ids["start"]] = 50.0  # the untrained model opens an image at its first text step
     monkeypatch.setattr(model.lm_head, "forward", lambda h: original(h) + boost)
+    received, decoder = [], model.decoder.forward  # what the backbone itself is given, call by call
+
+    def recording(*args, **kw):
+        received.append((kw["attention_mask"].clone(), kw["position_ids"].clone()))
+        return decoder(*args, **kw)
+
+    monkeypatch.setattr(model.decoder, "forward", recording)
     settings = GenerationDefaults(guidance_scale=2.0, image_guidance_scale=1.5, max_new_tokens=3, max_items=1)
     s = Sampler(model, batch["input_ids"], batch["attention_mask"], batch["values"], settings, mode="auto",
                 decode_text=None, generator=[torch.Generator().manual_seed(0)], suppress_ids=None,
@@ -164,6 +171,14 @@ def test_sampler_rows_see_only_their_branch_while_drawing(chatml, digits, monkey
     assert columns[mask[1]].tolist() == [proc.bos_id] + input_image + drawn
     assert columns[mask[2]].tolist() == [proc.bos_id] + drawn
     assert s.branches == ("full", "items", "none") and mask.shape[0] == 3
+    # the backbone got these masks: from the first drawn latent on, each call's is a prefix of the final one
+    # (the guidance rows reset once, when the row opened its item), and each guidance row's newest
+    # position counts only the columns it sees
+    for got, pos in received[2:]:
+        width = got.shape[1]
+        assert torch.equal(got.bool(), mask[:, :width])
+        assert pos[:, -1].tolist() == [int(got[r].sum()) - 1 for r in range(3)]
+    assert received[-1][0].shape[1] == s.length - 1  # the last step writes a column no call reads
 
 
 # -- the sampler -------------------------------------------------------------------------------

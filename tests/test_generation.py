@@ -145,3 +145,87 @@ def test_pipeline_matches_sampler_and_decodes(tiny_dir, tiny):
     assert np.array_equal(np.asarray(img), np.asarray(expected))
     with pytest.raises(ValueError, match="empty prompt"):
         pipe("  ")
+
+
+# -- what the unconditional branch of CFG really receives ----------------------------------------
+def _record_backbone(model, monkeypatch):
+    """Wrap the backbone's forward: every call's attention mask, positions and input embeddings."""
+    calls, original = [], model.decoder.forward
+
+    def recording(*args, **kw):
+        calls.append({k: kw[k].detach().clone() for k in ("attention_mask", "position_ids", "inputs_embeds")})
+        return original(*args, **kw)
+
+    monkeypatch.setattr(model.decoder, "forward", recording)
+    return calls
+
+
+def _reference_uncond(prompt_ids, prompt_mask, generated, bos, start, ph):
+    """The design's unconditional row, written independently of the sampler: the columns it attends to
+    before each backbone call. BOS is always visible; the prompt's text never; an item the row is drawing
+    is visible from its start token on (a start resets the row to BOS + start); end and text are not."""
+    P = len(prompt_ids)
+    first = prompt_mask.index(1)
+    base = [first] if prompt_ids[first] == bos else []
+    seen = base + ([P - 1] if prompt_ids[-1] == start else [])
+    out = [list(seen)]
+    for i, tok in enumerate(generated):
+        if tok == start:
+            seen = base + [P + i]
+        elif tok == ph:
+            seen = seen + [P + i]
+        out.append(list(seen))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["image", "auto"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_unconditional_rows_see_bos_and_the_drawn_item_only(tiny, monkeypatch, mode, use_cache):
+    """Single CFG: read off the backbone's forward, the unconditional rows (B..2B) attend to BOS, the
+    open item's start token and the latents drawn so far, never to the prompt's text, to an item's end
+    token or to earlier generated items; their positions count only what they see (the layout condition
+    dropout trains on) and they get the same embeddings as the conditional rows. ``auto``: the model
+    opens two images itself (start boosted), so the second image's uncond row must forget the first."""
+    model, proc = tiny
+    ids = proc.token_ids["image"]
+    n = proc.modality_tokenizers["image"].num_tokens()
+    b = _prompts(proc, T2I, start="image" if mode == "image" else None)
+    if mode == "auto":
+        original = model.lm_head.forward
+        boost = torch.zeros(model.lm_head.out_features)
+        boost[ids["start"]] = 50.0
+        monkeypatch.setattr(model.lm_head, "forward", lambda h: original(h) + boost)
+    calls = _record_backbone(model, monkeypatch)
+    out = _run(model, proc, b, [0, 1], mode=mode, guidance_scale=3.0, max_new_tokens=2,
+               max_items=1 if mode == "image" else 2, use_cache=use_cache)
+    B, P = b["input_ids"].shape
+    assert [c["attention_mask"].shape for c in calls] == [(2 * B, P + i) for i in range(len(calls))]
+    for r in range(B):
+        gen = out.token_ids[r]
+        assert gen.count(ids["token"]) == n * (1 if mode == "image" else 2)
+        prompt_ids, prompt_mask = b["input_ids"][r].tolist(), b["attention_mask"][r].tolist()
+        want = _reference_uncond(prompt_ids, prompt_mask, gen, proc.bos_id, ids["start"], ids["token"])
+        real = [j for j, m in enumerate(prompt_mask) if m]
+        hidden_text = [j for j in real if prompt_ids[j] not in (proc.bos_id, ids["start"])]
+        assert hidden_text  # the prompt has text to hide
+        for i, c in enumerate(calls):
+            mask = c["attention_mask"]
+            seen = mask[B + r].nonzero().flatten().tolist()
+            assert seen == want[min(i, len(gen))], f"row {r}, call {i}"
+            assert mask[r].nonzero().flatten().tolist() == real + list(range(P, P + min(i, len(gen))))
+            assert mask[B + r, hidden_text].eq(0).all()
+            pos, emb = c["position_ids"], c["inputs_embeds"]
+            if pos.shape[1] == mask.shape[1]:  # the whole sequence in this call: check every seen column
+                assert pos[B + r, seen].tolist() == list(range(len(seen)))
+                assert torch.equal(emb[B + r, seen], emb[r, seen])
+            elif i > 0 and mask[B + r, -1]:  # one new column the row sees
+                assert pos[B + r, -1].item() == len(seen) - 1
+                assert torch.equal(emb[B + r], emb[r])
+        # at the end: exactly BOS, the (last) image's start and its n latents; the conditional row saw the end
+        last = calls[-1]["attention_mask"]
+        visible = (prompt_ids + gen)[:last.shape[1]]
+        assert [visible[j] for j in last[B + r].nonzero().flatten().tolist()] == \
+            [proc.bos_id, ids["start"]] + [ids["token"]] * n
+        # which is what condition dropout lays out for a text-to-image sample
+        sample = [Message("user", "draw a 3"), Message("assistant", [Image(np.zeros((8, 8), np.uint8))])]
+        assert proc.encode(sample, drop_prompt=True).input_ids[:n + 2] == [proc.bos_id, ids["start"]] + [ids["token"]] * n
