@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mmar import MMARModel
-from tests.test_finetune import ROOT, _losses, _train_cmd
+from tests.test_finetune import ROOT, _losses, _recording, _train_cmd, check_sharding
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0"}
 
@@ -26,18 +26,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0"}
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, tiny_dir, chat_jsonl):
     out = tmp_path_factory.mktemp("one") / "run"
-    data = {"model": tiny_dir, "jsonl": chat_jsonl}
-    subprocess.run(_train_cmd(out, data, ["--max_steps", "10", "--save_steps", "0"]), check=True, env=ENV,
-                   cwd=ROOT, capture_output=True)
+    data = {"model": tiny_dir, "jsonl": chat_jsonl, "one_batches": out.parent / "batches"}
+    cmd, env = _recording(_train_cmd(out, data, ["--max_steps", "10", "--save_steps", "0"]), data["one_batches"], ENV)
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
     return out, data
 
 
 def _launch(preset: str, out, data, extra=()):
+    """2 processes; each writes the indices of its training batches under ``out``'s sibling ``batches``."""
     cmd = _train_cmd(out, data, ["--max_steps", "10", "--save_steps", "5", "--batch_size", "4", *extra])
+    cmd, env = _recording(cmd, out.parent / f"{out.name}_batches", ENV)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               os.path.join(ROOT, "configs", "accelerate", preset), "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "-m", *cmd[2:]]
-    return subprocess.run(launch, env=ENV, cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True)
 
 
 def _check_sharded_run(preset: str, one_process, tmp_path):
@@ -49,6 +51,8 @@ def _check_sharded_run(preset: str, one_process, tmp_path):
             pytest.skip(line.split("RuntimeError: ")[-1].strip())
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(_losses(two)) == list(range(1, 11))
+    # the sharding itself: disjoint per-process batches that together are the one-process run's
+    check_sharding(data["one_batches"], tmp_path / "two_batches", 10, 4, 42)
     # the same tolerance as the DDP test: the diffusion noise differs per process, the data does not
     for key, mean_tol, max_tol in (("text_loss", 0.05, 0.12), ("loss", 0.10, 0.30)):
         a, b = _losses(one, key), _losses(two, key)

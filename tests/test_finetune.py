@@ -153,6 +153,35 @@ def _losses(out, key="loss"):
     return {r["step"]: r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r}
 
 
+def _recording(cmd, where, env):
+    """``cmd`` (and its env) run through tests/record_shards.py: each process writes the sample indices of
+    its training batches under ``where``."""
+    where.mkdir(parents=True, exist_ok=True)
+    i = cmd.index("mmar.cli")
+    return [*cmd[:i], "tests.record_shards", *cmd[i + 1:]], {**env, "MMAR_RECORD_SHARDS": str(where)}
+
+
+def _batches(where, rank):
+    return [json.loads(line) for line in (where / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def check_sharding(one, two, steps, per_process, n_records):
+    """The data sharding itself, from the recorded indices: at each of ``steps`` global steps the two
+    processes' batches are disjoint and, rank 0's then rank 1's, exactly the one-process run's batch;
+    within an epoch no record is read twice (``drop_last``: the first full batches of one permutation)."""
+    ref = _batches(one, 0)[:steps]  # a loader may collate one batch ahead: only the trained ones count
+    r0, r1 = _batches(two, 0)[:steps], _batches(two, 1)[:steps]
+    assert len(ref) == len(r0) == len(r1) == steps and not (two / "rank2.jsonl").exists()
+    for s, (a, b, want) in enumerate(zip(r0, r1, ref), 1):
+        assert len(a["indices"]) == len(b["indices"]) == per_process, s
+        assert not set(a["indices"]) & set(b["indices"]), (s, a, b)  # never the same records on both
+        assert a["indices"] + b["indices"] == want["indices"], (s, a, b, want)
+        assert a["epoch"] == b["epoch"] == want["epoch"], s
+    for epoch in {a["epoch"] for a in r0}:
+        seen = [i for a, b in zip(r0, r1) if a["epoch"] == epoch for i in a["indices"] + b["indices"]]
+        assert len(set(seen)) == len(seen) and set(seen) <= set(range(n_records)), epoch
+
+
 def test_resume_after_sigkill_gives_the_same_losses(tmp_path, tiny_dir, chat_jsonl):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     data = {"model": tiny_dir, "jsonl": chat_jsonl}
@@ -182,15 +211,22 @@ def test_two_processes_match_one_process(tmp_path, tiny_dir, chat_jsonl):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     evals = ["--eval_data_files", str(chat_jsonl), "--eval_steps", "5", "--eval_batch_size", "4"]
     one = tmp_path / "one"
-    subprocess.run(_train_cmd(one, data, ["--max_steps", "10", "--save_steps", "0", *evals]), check=True, env=env,
-                   cwd=ROOT, capture_output=True)
+    cmd, one_env = _recording(_train_cmd(one, data, ["--max_steps", "10", "--save_steps", "0", *evals]),
+                              tmp_path / "one_batches", env)
+    subprocess.run(cmd, check=True, env=one_env, cwd=ROOT, capture_output=True)
     two = tmp_path / "two"
-    cmd = _train_cmd(two, data, ["--max_steps", "10", "--save_steps", "0", "--batch_size", "4", *evals])
+    cmd, two_env = _recording(_train_cmd(two, data, ["--max_steps", "10", "--save_steps", "0", "--batch_size", "4",
+                                                     *evals]), tmp_path / "two_batches", env)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               os.path.join(ROOT, "configs", "accelerate", "cpu-2proc.yaml"), "-m", *cmd[2:]]
-    res = subprocess.run(launch, env=env, cwd=ROOT, capture_output=True, text=True)
+    # ACCELERATE_USE_CPU: accelerate launch does not pass the config's use_cpu on to torchrun's processes
+    res = subprocess.run(launch, env={**two_env, "ACCELERATE_USE_CPU": "true"}, cwd=ROOT, capture_output=True,
+                         text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(_losses(one)) == sorted(_losses(two)) == list(range(1, 11))
+    # the sharding, read off the batches each process collated (the loss tolerances below could not tell
+    # two processes reading the same records from two reading disjoint halves)
+    check_sharding(tmp_path / "one_batches", tmp_path / "two_batches", 10, 4, 42)
     # Same data in the same global batches, the same condition dropout (a function of the sample index).
     # What differs: the diffusion noise (each process has its own RNG stream; with 8 samples a step one
     # step's image loss can move by a fifth) and the text loss being averaged per process.
