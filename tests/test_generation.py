@@ -228,4 +228,5 @@ def test_unconditional_rows_see_bos_and_the_drawn_item_only(tiny, monkeypatch, m
             [proc.bos_id, ids["start"]] + [ids["token"]] * n
         # which is what condition dropout lays out for a text-to-image sample
         sample = [Message("user", "draw a 3"), Message("assistant", [Image(np.zeros((8, 8), np.uint8))])]
-        assert proc.encode(sample, drop_prompt=True).input_ids[:n + 2] == [proc.bos_id, ids["start"]] + [ids["token"]] * n
+        dropped = proc.encode(sample, drop_prompt=True).input_ids
+        assert dropped[:n + 2] == [proc.bos_id, ids["start"]] + [ids["token"]] * n
