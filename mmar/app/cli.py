@@ -290,20 +290,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
+def _command(sub, name: str, func, help: str, epilog: str) -> argparse.ArgumentParser:
+    """The subparser of command ``name``, which runs ``func``; its ``--help`` ends with ``epilog`` (the
+    examples, laid out as written)."""
+    p = sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 def _add_train(sub) -> None:
     """The ``train`` subcommand's arguments."""
     from ..training.arguments import add_arguments
 
-    p = sub.add_parser("train", help="train or fine-tune a model", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "train", cmd_train, help="train or fine-tune a model", epilog=EXAMPLES)
     add_arguments(p)
-    p.set_defaults(func=cmd_train)
 
 
 def _add_eval(sub) -> None:
     """The ``eval`` subcommand's arguments."""
-    p = sub.add_parser("eval", help="evaluate a model on a built-in task", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "eval", cmd_eval, help="evaluate a model on a built-in task", epilog=EXAMPLES)
     p.add_argument("--model", required=True, help="model directory")
     from ..eval import TASKS
 
@@ -327,13 +332,12 @@ def _add_eval(sub) -> None:
                    help="jsonl: your held-out chat records (the last assistant message is the reference)")
     p.add_argument("--max_samples", type=int, default=None, help="jsonl: evaluate the first N records only")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_eval)
 
 
 def _add_generate(sub) -> None:
     """The ``generate`` subcommand's arguments."""
-    p = sub.add_parser("generate", help="generate text and images from a prompt", epilog=GENERATE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "generate", cmd_generate, help="generate text and images from a prompt",
+                 epilog=GENERATE_EXAMPLES)
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", required=True)
     _add_media_arguments(p, "{} as input (repeatable)")
@@ -351,13 +355,11 @@ def _add_generate(sub) -> None:
                    help="image height in pixels, one of the sizes the model was trained on (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (likewise)")
     p.add_argument("--output", default="outputs")
-    p.set_defaults(func=cmd_generate)
 
 
 def _add_chat(sub) -> None:
     """The ``chat`` subcommand's arguments."""
-    p = sub.add_parser("chat", help="chat with a model in the terminal", epilog=CHAT_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "chat", cmd_chat, help="chat with a model in the terminal", epilog=CHAT_EXAMPLES)
     p.add_argument("--model", required=True, help="model directory")
     _add_media_arguments(p, "attach {} to the first message")
     p.add_argument("--output_dir", default=os.path.join("outputs", "chat"), help="where generated images go")
@@ -371,13 +373,11 @@ def _add_chat(sub) -> None:
     p.add_argument("--memory", type=_bool, default=False, metavar="BOOL",
                    help="send earlier turns to the model too (for models trained on multi-turn chats; "
                         "the built-in digits model answers each message on its own)")
-    p.set_defaults(func=cmd_chat)
 
 
 def _add_demo(sub) -> None:
     """The ``demo`` subcommand's arguments."""
-    p = sub.add_parser("demo", help="serve the Gradio demo", epilog=DEMO_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "demo", cmd_demo, help="serve the Gradio demo", epilog=DEMO_EXAMPLES)
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=_count(1), default=7860)
@@ -393,37 +393,33 @@ def _add_demo(sub) -> None:
                    help="the Chat tab's 'remember earlier turns' default (see mmar chat --help)")
     p.add_argument("--examples", default="digits", choices=["digits", "none"],
                    help="example prompts shown under the inputs (default: the built-in digits task's)")
-    p.set_defaults(func=cmd_demo)
 
 
 def _add_train_tokenizer(sub) -> None:
     """The ``train-tokenizer`` subcommand's arguments."""
-    p = sub.add_parser("train-tokenizer", help="learn a tokenizer's weights (e.g. the image-vq codebook)",
-                       epilog="example:\n  mmar train-tokenizer --config configs/vq-digits.yaml",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "train-tokenizer", cmd_train_tokenizer,
+                 help="learn a tokenizer's weights (e.g. the image-vq codebook)",
+                 epilog="example:\n  mmar train-tokenizer --config configs/vq-digits.yaml")
     p.add_argument("--config", required=True, help="YAML: tokenizer spec, dataset, steps, batch_size, output_dir")
     p.add_argument("--output_dir", help="overrides the config's output_dir")
-    p.set_defaults(func=cmd_train_tokenizer)
 
 
 def _add_merge_lora(sub) -> None:
     """The ``merge-lora`` subcommand's arguments."""
-    p = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model",
-                       epilog="example:\n  mmar merge-lora --adapter runs/lora --output runs/merged",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "merge-lora", cmd_merge_lora, help="merge a LoRA adapter into its base model",
+                 epilog="example:\n  mmar merge-lora --adapter runs/lora --output runs/merged")
     p.add_argument("--adapter", required=True, help="adapter directory written by `mmar train` with lora")
     p.add_argument("--base", help="base model directory (default: the adapter's base_model_name_or_path)")
     p.add_argument("--output", required=True, help="where to write the merged model")
-    p.set_defaults(func=cmd_merge_lora)
 
 
 def _add_distill_head(sub) -> None:
     """The ``distill-head`` subcommand's arguments."""
-    p = sub.add_parser("distill-head", help="distil a model's diffusion / flow head into a 1-2-step head",
-                       epilog="examples:\n  mmar distill-head --model runs/digits --output runs/digits-fast\n"
-                              "  mmar distill-head --model runs/digits --output runs/digits-2step --steps 2\n\n"
-                              "The backbone is frozen; the method: mmar/heads/fewstep.py.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "distill-head", cmd_distill_head,
+                 help="distil a model's diffusion / flow head into a 1-2-step head",
+                 epilog="examples:\n  mmar distill-head --model runs/digits --output runs/digits-fast\n"
+                        "  mmar distill-head --model runs/digits --output runs/digits-2step --steps 2\n\n"
+                        "The backbone is frozen; the method: mmar/heads/fewstep.py.")
     p.add_argument("--model", required=True, help="trained model directory (the teacher)")
     p.add_argument("--output", required=True, help="where to write the model with the few-step head")
     p.add_argument("--steps", type=_count(1), default=1, help="the student's sampling steps (default 1)")
@@ -444,16 +440,13 @@ def _add_distill_head(sub) -> None:
     p.add_argument("--seed", type=_count(0), default=0)
     p.add_argument("--num_threads", type=_count(0), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--progress", type=_bool, default=True, metavar="BOOL", help="show a progress bar")
-    p.set_defaults(func=cmd_distill_head)
 
 
 def _add_env(sub) -> None:
     """The ``env`` subcommand's arguments."""
-    p = sub.add_parser("env", help="print versions, devices and which attention kernels run",
-                       epilog="examples:\n  mmar env\n  mmar env --model runs/digits   # the attention each part runs",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "env", cmd_env, help="print versions, devices and which attention kernels run",
+                 epilog="examples:\n  mmar env\n  mmar env --model runs/digits   # the attention each part runs")
     p.add_argument("--model", help="also say which attention each part of this model directory runs")
-    p.set_defaults(func=cmd_env)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,9 +17,8 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
-from torch.utils.data import Dataset
-
 from ..types import Image, Message
+from .task import TaskDataset
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 T2I_PROMPTS = ("draw the digit {w}", "draw a {d}", "write the number {w}", "a handwritten {d}",
@@ -90,7 +89,7 @@ def all_texts() -> list[str]:
 
 
 @dataclass
-class DigitsDataset(Dataset):
+class DigitsDataset(TaskDataset):
     """Chat samples over one split: per image a text-to-image and an image-to-text sample,
     plus ``pairs_per_image * n`` interleaved two-image samples. Deterministic given ``seed``."""
 
@@ -120,9 +119,6 @@ class DigitsDataset(Dataset):
             for _ in range(int(self.pairs_per_image * n)):
                 self.index.append(("pair", (rng.randrange(n), rng.randrange(n)), rng.randrange(1000)))
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     def shifted(self, image: np.ndarray, idx: int) -> np.ndarray:
         rng = random.Random(f"mmar-shift-{self.seed}-{self.epoch}-{idx}")
         if self.shift_prob <= 0 or rng.random() >= self.shift_prob:
@@ -134,9 +130,7 @@ class DigitsDataset(Dataset):
             image[max(-dy, 0): h + min(-dy, 0), max(-dx, 0): w + min(-dx, 0)]
         return out
 
-    @staticmethod
-    def texts() -> list[str]:
-        return all_texts()
+    texts = staticmethod(all_texts)
 
     @staticmethod
     def preview_prompts() -> list[str]:

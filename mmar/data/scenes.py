@@ -33,9 +33,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
-from torch.utils.data import Dataset
-
 from ..types import Image, Message
+from .task import TaskDataset
 
 IMAGE_SIZE = 32
 GRID = 4  # cells per side
@@ -134,7 +133,12 @@ def draw(scene: Scene) -> np.ndarray:
 
 def relation(a: Obj, b: Obj) -> str | None:
     """Where ``a`` is relative to ``b`` along the axis where they are further apart (None on a diagonal)."""
-    dx, dy = a.col - b.col, a.row - b.row
+    return offset_relation(a.col - b.col, a.row - b.row)
+
+
+def offset_relation(dx: float, dy: float) -> str | None:
+    """The relation of something ``dx`` right of and ``dy`` below another (cells or pixels) along the axis
+    of the larger offset: "left of", "right of", "above", "below" (None when both are equal)."""
     if abs(dx) > abs(dy):
         return "left of" if dx < 0 else "right of"
     if abs(dy) > abs(dx):
@@ -359,7 +363,7 @@ def all_texts() -> list[str]:
 
 
 @dataclass
-class ScenesDataset(Dataset):
+class ScenesDataset(TaskDataset):
     """Per scene a text-to-image sample (one of its GenEval categories, if it has one), an image-to-text
     sample (one of its questions) and an editing sample. Deterministic given ``seed``, which picks the
     categories, wordings and questions (the scenes and edits are fixed per split)."""
@@ -369,9 +373,7 @@ class ScenesDataset(Dataset):
     kinds: tuple[str, ...] = ("t2i", "i2t", "edit")
 
     def __post_init__(self):
-        unknown = set(self.kinds) - {"t2i", "i2t", "edit"}
-        if unknown:
-            raise ValueError(f"unknown sample kinds {sorted(unknown)}; expected 't2i', 'i2t' and / or 'edit'")
+        self.check_kinds(self.kinds, ("t2i", "i2t", "edit"))
         self.scenes, self.images = load_split(self.split)
         self.edits = load_edits(self.split)
         rng = random.Random(self.seed)
@@ -381,12 +383,7 @@ class ScenesDataset(Dataset):
                 if (kind != "t2i" or categories(scene)) and (kind != "edit" or self.edits[i] is not None):
                     self.index.append((kind, i, rng.randrange(1000)))
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @staticmethod
-    def texts() -> list[str]:
-        return all_texts()
+    texts = staticmethod(all_texts)
 
     @staticmethod
     def preview_prompts() -> list[str]:

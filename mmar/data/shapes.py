@@ -23,9 +23,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageDraw
-from torch.utils.data import Dataset
-
 from ..types import Image, Message
+from .task import TaskDataset
 
 IMAGE_SIZE = 16
 COLOURS = {"red": (230, 40, 40), "green": (40, 190, 60), "blue": (40, 90, 240), "yellow": (240, 220, 40)}
@@ -187,7 +186,7 @@ def all_texts() -> list[str]:
 
 
 @dataclass
-class ShapesDataset(Dataset):
+class ShapesDataset(TaskDataset):
     """Per scene a text-to-image and an image-to-text sample (one of its questions). Deterministic
     given ``seed``, which picks prompt wordings and questions (the scenes are fixed per split)."""
 
@@ -197,19 +196,11 @@ class ShapesDataset(Dataset):
     kinds: tuple[str, ...] = ("t2i", "i2t")
 
     def __post_init__(self):
-        unknown = set(self.kinds) - {"t2i", "i2t"}
-        if unknown:
-            raise ValueError(f"unknown sample kinds {sorted(unknown)}; expected 't2i' and / or 'i2t'")
+        self.check_kinds(self.kinds, ("t2i", "i2t"))
         self.scenes, self.images = load_split(self.split, self.image_size)
-        rng = random.Random(self.seed)
-        self.index = [(kind, i, rng.randrange(1000)) for i in range(len(self.scenes)) for kind in self.kinds]
+        self.index = self.seeded_index(len(self.scenes), self.kinds, self.seed)
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @staticmethod
-    def texts() -> list[str]:
-        return all_texts()
+    texts = staticmethod(all_texts)
 
     @staticmethod
     def preview_prompts() -> list[str]:

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from torch.utils.data import Dataset
-
 from ..types import Audio, Message
 from ..tokenizers.audio_mel import read_audio, resample
 from .digits import DIGIT_WORDS
+from .task import TaskDataset
 
 SAMPLING_RATE = 16000  # clips are stored at this rate; the audio tokenizer resamples to its own
 PEAK = 0.5  # peak amplitude after normalisation
@@ -127,7 +125,7 @@ def all_texts() -> list[str]:
 
 
 @dataclass
-class SpokenDigitsDataset(Dataset):
+class SpokenDigitsDataset(TaskDataset):
     """Chat samples over one split: per clip a text-to-audio and an audio-to-text sample.
     Deterministic given ``seed``."""
 
@@ -137,19 +135,11 @@ class SpokenDigitsDataset(Dataset):
     kinds: tuple[str, ...] = ("t2a", "a2t")
 
     def __post_init__(self):
-        unknown = set(self.kinds) - {"t2a", "a2t"}
-        if unknown:
-            raise ValueError(f"unknown sample kinds {sorted(unknown)}; expected 't2a' and / or 'a2t'")
+        self.check_kinds(self.kinds, ("t2a", "a2t"))
         self.waves, self.labels, self.settings = load_split(self.split, self.cache_dir)
-        rng = random.Random(self.seed)
-        self.index = [(kind, i, rng.randrange(1000)) for i in range(len(self.labels)) for kind in self.kinds]
+        self.index = self.seeded_index(len(self.labels), self.kinds, self.seed)
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @staticmethod
-    def texts() -> list[str]:
-        return all_texts()
+    texts = staticmethod(all_texts)
 
     def audio(self, i: int) -> Audio:
         return Audio(self.waves[i], SAMPLING_RATE)

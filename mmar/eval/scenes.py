@@ -36,7 +36,7 @@ import torch
 from PIL import Image as PILImage
 
 from ..data.scenes import (CATEGORIES, CELL, COLOURS, EDIT_TYPES, GRID, Edit, Obj, Scene, categories, draw,
-                           load_edits, load_split, questions, relation, t2i_prompt)
+                           load_edits, load_split, offset_relation, questions, relation, t2i_prompt)
 from ..pipeline import MMARPipeline
 from ..types import Image, Message
 from .digits import FD_FEATURES, frechet_distance
@@ -109,12 +109,7 @@ def read_objects(image: Any) -> tuple[Obj, ...]:
 
 def _relation(a: Detection, b: Detection) -> str | None:
     """:func:`relation` on the pixel centres of two detections."""
-    dx, dy = a.cx - b.cx, a.cy - b.cy
-    if abs(dx) > abs(dy):
-        return "left of" if dx < 0 else "right of"
-    if abs(dy) > abs(dx):
-        return "above" if dy < 0 else "below"
-    return None
+    return offset_relation(a.cx - b.cx, a.cy - b.cy)
 
 
 def check(category: str, scene: Scene, image: Any) -> bool:

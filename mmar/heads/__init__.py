@@ -7,5 +7,5 @@ from .diffusion import DiffusionHead
 from .fewstep import FewStepHead
 from .flow import FlowHead
 
-__all__ = ["Head", "CodebookHead", "ContinuousHead", "DiffusionHead", "FewStepHead", "FlowHead", "SimpleMLPAdaLN", "available_heads", "build_head",
-           "head_defaults", "register_head"]
+__all__ = ["Head", "CodebookHead", "ContinuousHead", "DiffusionHead", "FewStepHead", "FlowHead", "SimpleMLPAdaLN",
+           "available_heads", "build_head", "head_defaults", "register_head"]

@@ -14,20 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, type[Head]] = {}
+from ..registry import Registry
+
+_REGISTRY = Registry("head")
 
 
 def register_head(name: str):
-    def wrap(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    """Class decorator: make a head available to configs under ``name``."""
+    return _REGISTRY.register(name)
 
 
 def available_heads() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def signature_defaults(cls: type) -> dict[str, Any]:
@@ -39,9 +37,7 @@ def signature_defaults(cls: type) -> dict[str, Any]:
 def head_defaults(name: str) -> dict[str, Any]:
     """The default config of the registered head ``name``: ``{"name": name, **options}``, read off its
     class's signature (the one place a head's defaults are written), less its ``unsaved_options``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown head {name!r}; registered: {', '.join(available_heads())}")
-    cls = _REGISTRY[name]
+    cls = _REGISTRY.lookup(name)
     return {"name": name, **{k: v for k, v in signature_defaults(cls).items() if k not in cls.unsaved_options}}
 
 
@@ -49,11 +45,9 @@ def build_head(spec: dict[str, Any], cond_dim: int, token_dim: int | None = None
                vocab_size: int | None = None) -> Head:
     """Continuous heads get ``token_dim``, discrete heads ``vocab_size``."""
     spec = dict(spec)
-    name = spec.pop("name", None)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown head {name!r}; registered: {', '.join(available_heads())}")
+    cls = _REGISTRY.lookup(spec.pop("name", None))
     sizes = {"token_dim": token_dim} if vocab_size is None else {"vocab_size": vocab_size}
-    return _REGISTRY[name](cond_dim=cond_dim, **sizes, **spec)
+    return cls(cond_dim=cond_dim, **sizes, **spec)
 
 
 class Head(nn.Module):

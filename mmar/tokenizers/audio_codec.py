@@ -24,7 +24,6 @@ encoder outputs) and the decoder, under an L1 waveform + multi-resolution log-me
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -35,7 +34,7 @@ from einops import rearrange
 
 from .audio_mel import AudioMelTokenizer
 from ..types import Audio
-from .base import TOKENIZER_CONFIG_NAME, ModalityTokenizer, register_tokenizer
+from .base import ModalityTokenizer, register_tokenizer
 
 CODEC_DIR = "codec"
 PATTERNS = ("delay", "frame")
@@ -345,8 +344,7 @@ class AudioCodecTokenizer(ModalityTokenizer):
         os.makedirs(directory, exist_ok=True)
         self.codec.save_pretrained(os.path.join(directory, CODEC_DIR), safe_serialization=True)
         spec = {k: v for k, v in self.config().items() if k not in ("codec_path", "codec_config")}
-        with open(os.path.join(directory, TOKENIZER_CONFIG_NAME), "w") as f:
-            json.dump({"name": self.name, **spec}, f, indent=2)
+        self.write_config(directory, spec)
 
     @classmethod
     def from_config(cls, spec: dict[str, Any], directory: str | os.PathLike) -> AudioCodecTokenizer:

@@ -17,25 +17,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..registry import Registry
+
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
-_REGISTRY: dict[str, type[ModalityTokenizer]] = {}
+_REGISTRY = Registry("tokenizer", unique=True)
 
 
 def register_tokenizer(name: str):
     """Class decorator: make a tokenizer available to configs under ``name``."""
-
-    def wrap(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"tokenizer name {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    return _REGISTRY.register(name)
 
 
 def available_tokenizers() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def build_tokenizer(spec: dict[str, Any]) -> ModalityTokenizer:
@@ -46,10 +40,16 @@ def build_tokenizer(spec: dict[str, Any]) -> ModalityTokenizer:
         if len(spec) > 1:
             raise ValueError(f"a tokenizer given by path takes no other options, got {sorted(spec)}")
         return ModalityTokenizer.from_pretrained(spec["path"])
-    name = spec.pop("name", None)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown tokenizer {name!r}; registered: {', '.join(available_tokenizers())}")
-    return _REGISTRY[name](**spec)
+    return _REGISTRY.lookup(spec.pop("name", None))(**spec)
+
+
+def resolve_path(spec: dict[str, Any], key: str, directory: str | os.PathLike) -> dict[str, Any]:
+    """A copy of a saved ``spec`` whose ``key`` (a file or folder saved with the tokenizer), when relative,
+    is taken inside ``directory``."""
+    spec = dict(spec)
+    if spec.get(key) and not os.path.isabs(spec[key]):
+        spec[key] = os.path.join(directory, spec[key])
+    return spec
 
 
 class ModalityTokenizer:
@@ -97,9 +97,14 @@ class ModalityTokenizer:
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.write_config(directory)
+
+    def write_config(self, directory: str | os.PathLike, config: dict[str, Any] | None = None) -> None:
+        """``directory/tokenizer_config.json``: the registry name and ``config`` (default: :meth:`config`),
+        what :meth:`from_pretrained` rebuilds the tokenizer from."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, TOKENIZER_CONFIG_NAME), "w") as f:
-            json.dump({"name": self.name, **self.config()}, f, indent=2)
+            json.dump({"name": self.name, **(self.config() if config is None else config)}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ModalityTokenizer:
@@ -108,10 +113,7 @@ class ModalityTokenizer:
             raise FileNotFoundError(f"{path}: no modality tokenizer config here")
         with open(path) as f:
             spec = json.load(f)
-        name = spec.pop("name", None)
-        if name not in _REGISTRY:
-            raise ValueError(f"{path}: unknown tokenizer {name!r}; registered: {', '.join(available_tokenizers())}")
-        return _REGISTRY[name].from_config(spec, directory)
+        return _REGISTRY.lookup(spec.pop("name", None), where=f"{path}: ").from_config(spec, directory)
 
     @classmethod
     def from_config(cls, spec: dict[str, Any], directory: str | os.PathLike) -> ModalityTokenizer:

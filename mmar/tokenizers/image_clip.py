@@ -9,13 +9,12 @@ a local safetensors file; it is frozen and travels with the model directory.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 
-from .base import ModalityTokenizer, register_tokenizer
+from .base import ModalityTokenizer, register_tokenizer, resolve_path
 from .image_patch import ImagePatchTokenizer
 
 WEIGHTS = "visual.safetensors"
@@ -88,12 +87,8 @@ class ImageCLIPTokenizer(ModalityTokenizer):
 
         os.makedirs(directory, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.visual.state_dict().items()}, os.path.join(directory, WEIGHTS))
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump({"name": self.name, **self.config(), "checkpoint": WEIGHTS}, f, indent=2)
+        self.write_config(directory, {**self.config(), "checkpoint": WEIGHTS})
 
     @classmethod
     def from_config(cls, spec: dict[str, Any], directory: str | os.PathLike) -> ImageCLIPTokenizer:
-        spec = dict(spec)
-        if spec.get("checkpoint") and not os.path.isabs(spec["checkpoint"]):
-            spec["checkpoint"] = os.path.join(directory, spec["checkpoint"])
-        return cls(**spec)
+        return cls(**resolve_path(spec, "checkpoint", directory))

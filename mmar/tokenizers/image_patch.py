@@ -82,10 +82,38 @@ def fit_image(img: Image.Image, size: tuple[int, int], fill: int | tuple = 0) ->
     return canvas, note
 
 
-@register_tokenizer("image-patch")
-class ImagePatchTokenizer(ModalityTokenizer):
+class GridImageTokenizer(ModalityTokenizer):
+    """What the image tokenizers that cut an image into a grid of tokens share (image-patch, image-vae):
+    items of one or more ``(height, width)`` sizes (``self.size`` the default, ``self.sizes`` all), each a
+    ``grid_of(size)`` of tokens; the sizes go into the config when there are several."""
+
     modality = "image"
     kind = "continuous"
+    size: tuple[int, int]
+
+    def grid_of(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid ``(rows, cols)`` of an image of ``size`` (height, width) in pixels."""
+        raise NotImplementedError
+
+    def size_of(self, item: torch.Tensor) -> tuple[int, int]:
+        return int(item.shape[-2]), int(item.shape[-1])
+
+    def num_tokens(self, item: Any = None) -> int:
+        """Tokens of the default size, of a ``(height, width)`` size, or of a preprocessed item."""
+        size = self.size if item is None else as_size(item) if isinstance(item, (int, list, tuple)) \
+            else self.size_of(item)
+        rows, cols = self.grid_of(size)
+        return rows * cols
+
+    def with_sizes(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """``cfg`` plus ``sizes`` when items of several sizes occur."""
+        if self.marks_size:
+            cfg["sizes"] = [list(s) for s in self.sizes]
+        return cfg
+
+
+@register_tokenizer("image-patch")
+class ImagePatchTokenizer(GridImageTokenizer):
 
     def __init__(self, image_size: int | list | None = None, patch_size: int = 2, channels: int = 1,
                  mean: float = 0.5, std: float = 0.5, resize: bool = False, sizes: list | None = None):
@@ -102,26 +130,13 @@ class ImagePatchTokenizer(ModalityTokenizer):
         self.token_dim = patch_size * patch_size * channels
 
     def config(self) -> dict[str, Any]:
-        cfg = dict(image_size=self.image_size, patch_size=self.patch_size, channels=self.channels,
-                   mean=self.mean, std=self.std, resize=self.resize)
-        if self.marks_size:
-            cfg["sizes"] = [list(s) for s in self.sizes]
-        return cfg
+        return self.with_sizes(dict(image_size=self.image_size, patch_size=self.patch_size, channels=self.channels,
+                                    mean=self.mean, std=self.std, resize=self.resize))
 
     # -- sizes ---------------------------------------------------------------------------------
     def grid_of(self, size: tuple[int, int]) -> tuple[int, int]:
         """Token grid ``(rows, cols)`` of an image of ``size`` (height, width)."""
         return patch_grid(size[0], size[1], self.patch_size)
-
-    def size_of(self, item: torch.Tensor) -> tuple[int, int]:
-        return int(item.shape[-2]), int(item.shape[-1])
-
-    def num_tokens(self, item: Any = None) -> int:
-        """Tokens of the default size, of a ``(height, width)`` size, or of a preprocessed item."""
-        size = self.size if item is None else as_size(item) if isinstance(item, (int, list, tuple)) \
-            else self.size_of(item)
-        rows, cols = self.grid_of(size)
-        return rows * cols
 
     def _sizes_text(self) -> str:
         return " or ".join(size_text(s) for s in self.sizes)

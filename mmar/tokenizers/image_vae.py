@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .base import ModalityTokenizer, register_tokenizer
-from .image_patch import ImagePatchTokenizer, as_size, default_and_sizes, size_text
+from .base import register_tokenizer, resolve_path
+from .image_patch import GridImageTokenizer, ImagePatchTokenizer, as_size, default_and_sizes, size_text
 from .layout import patch_grid, patchify, unpatchify
 
 VAE_DIR = "vae"
@@ -42,9 +42,7 @@ def complete_vae_config(vae_config: dict) -> dict:
 
 
 @register_tokenizer("image-vae")
-class ImageVAETokenizer(ModalityTokenizer):
-    modality = "image"
-    kind = "continuous"
+class ImageVAETokenizer(GridImageTokenizer):
 
     def __init__(self, vae_path: str | None = None, vae_config: dict | None = None,
                  image_size: int | list | None = None, patch_size: int = 1, sample_posterior: bool = False,
@@ -89,26 +87,13 @@ class ImageVAETokenizer(ModalityTokenizer):
                                            resize=True, sizes=[list(s) for s in self.sizes])
 
     def config(self) -> dict[str, Any]:
-        cfg = dict(vae_path=self.vae_path, vae_config=self.vae_config, image_size=self.image_size,
-                   patch_size=self.patch_size, sample_posterior=self.sample_posterior,
-                   scaling_factor=self.scaling_factor, trained=self.trained)
-        if self.marks_size:
-            cfg["sizes"] = [list(s) for s in self.sizes]
-        return cfg
+        return self.with_sizes(dict(vae_path=self.vae_path, vae_config=self.vae_config, image_size=self.image_size,
+                                    patch_size=self.patch_size, sample_posterior=self.sample_posterior,
+                                    scaling_factor=self.scaling_factor, trained=self.trained))
 
     def grid_of(self, size: tuple[int, int]) -> tuple[int, int]:
         """Token grid ``(rows, cols)`` of an image of ``size`` (height, width) in pixels."""
         return patch_grid(size[0], size[1], self.down * self.patch_size)
-
-    def size_of(self, item: torch.Tensor) -> tuple[int, int]:
-        return int(item.shape[-2]), int(item.shape[-1])
-
-    def num_tokens(self, item: Any = None) -> int:
-        """Tokens of the default size, of a ``(height, width)`` size, or of a preprocessed item."""
-        size = self.size if item is None else as_size(item) if isinstance(item, (int, list, tuple)) \
-            else self.size_of(item)
-        rows, cols = self.grid_of(size)
-        return rows * cols
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         return self._pixels.preprocess(raw)  # [C, H, W] in [0, 1], fitted to a trained size
@@ -221,19 +206,13 @@ class ImageVAETokenizer(ModalityTokenizer):
 
     # -- persistence: the VAE weights travel with the model directory ------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        import json
-
         os.makedirs(directory, exist_ok=True)
         # the folder is a plain diffusers AutoencoderKL (config.json with the scaling factor, safetensors)
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         self.vae.save_pretrained(os.path.join(directory, VAE_DIR), safe_serialization=True)
         cfg = {**self.config(), "vae_path": VAE_DIR, "vae_config": None}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump({"name": self.name, **cfg}, f, indent=2)
+        self.write_config(directory, cfg)
 
     @classmethod
     def from_config(cls, spec: dict[str, Any], directory: str | os.PathLike) -> ImageVAETokenizer:
-        spec = dict(spec)
-        if spec.get("vae_path") and not os.path.isabs(spec["vae_path"]):
-            spec["vae_path"] = os.path.join(directory, spec["vae_path"])
-        return cls(**spec)
+        return cls(**resolve_path(spec, "vae_path", directory))

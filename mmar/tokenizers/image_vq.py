@@ -10,7 +10,6 @@ embeds codes with a codebook embedding and predicts them with a codebook head
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -101,8 +100,7 @@ class ImageVQTokenizer(ModalityTokenizer):
             raise ValueError("image-vq: refusing to save an untrained codebook")
         os.makedirs(directory, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.vq.state_dict().items()}, os.path.join(directory, WEIGHTS))
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump({"name": self.name, **self.config()}, f, indent=2)
+        self.write_config(directory)
 
     @classmethod
     def from_config(cls, spec: dict[str, Any], directory: str | os.PathLike) -> ImageVQTokenizer:
