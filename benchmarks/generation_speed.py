@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import ROOT, machine, update_section  # noqa: E402
+from report import machine, update_readme_block, update_section  # noqa: E402
 
 BATCH = 32
 CEILING = "zero-cost head (returns zeros: the ceiling of any head speed-up)"
@@ -190,20 +189,6 @@ def headline(verdict: dict, base: dict, noise: float, ceiling: dict, model: str)
             f"{base['fd']:.2f}, noise band +-{2 * noise:.2f}): the 5x target at equal quality is not met." + bound)
 
 
-def update_readme(text: str) -> None:
-    """Rewrite README.md's generation-speed block (left alone where README has none)."""
-    path = os.path.join(ROOT, "README.md")
-    readme = open(path).read()
-    pattern = re.compile(r"<!-- generation-speed:start -->.*?<!-- generation-speed:end -->", re.S)
-    if not pattern.search(readme):
-        print("README.md has no generation-speed block; headline not written")
-        return
-    readme = pattern.sub(lambda _: f"<!-- generation-speed:start -->\n{text}\n<!-- generation-speed:end -->", readme)
-    with open(path + ".tmp", "w") as f:
-        f.write(readme)
-    os.replace(path + ".tmp", path)
-
-
 def flow_note(args) -> str:
     """Where the flow row's model came from."""
     if args.flow_frozen:
@@ -270,7 +255,7 @@ def main() -> None:
     print(body)
     if not args.no_write:
         update_section("generation-speed", body)
-        update_readme(head + f" (`benchmarks/generation_speed.py`, {time.strftime('%Y-%m-%d')}, on a shared CPU; "
+        update_readme_block("generation-speed", head + f" (`benchmarks/generation_speed.py`, {time.strftime('%Y-%m-%d')}, on a shared CPU; "
                       "see the section \"Generation speed\" of `BENCHMARKS.md`.)")
 
 

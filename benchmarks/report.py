@@ -31,3 +31,18 @@ def update_section(name: str, body: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, PATH)
+
+
+def update_readme_block(name: str, text: str) -> None:
+    """Rewrite README.md's ``<!-- name:start -->`` ... ``<!-- name:end -->`` block (left alone, with a note,
+    where README has none)."""
+    path = os.path.join(ROOT, "README.md")
+    readme = open(path).read()
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    if not pattern.search(readme):
+        print(f"README.md has no {name} block; headline not written")
+        return
+    readme = pattern.sub(lambda _: f"<!-- {name}:start -->\n{text}\n<!-- {name}:end -->", readme)
+    with open(path + ".tmp", "w") as f:
+        f.write(readme)
+    os.replace(path + ".tmp", path)

@@ -12,7 +12,7 @@
    rounds of the costliest requests it may send, the server's peak RSS over its idle RSS measured against
    the documented bound (``WORST_CLIENT_RSS_MB``).
 
-Writes the "robustness" section of BENCHMARKS.md and prints its table.
+Writes the "robustness" section of BENCHMARKS.md and the table of README's "Robustness (measured)", and prints it.
 
     python benchmarks/robustness.py [--fuzz_examples 1000] [--trials 10] [--sessions 20 --per_session 12]
                                     [--worst_rounds 3]
@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
-from report import machine, update_section  # noqa: E402
+from report import machine, update_readme_block, update_section  # noqa: E402
 
 FUZZ_LINE = re.compile(r"\[fuzz\] (.+?): (\d+) cases, (\d+) clear errors, (\d+) accepted")
 FUZZ_WHAT = {"image inputs": "image inputs (arrays of any shape, NaN / inf tensors, wrong types)",
@@ -263,8 +263,10 @@ def main() -> None:
     update_section("robustness", "\n".join(["## Robustness: bad input, crashes, load", "",
                                             f"`{cmd}` on {machine()}; {minutes:.1f} min in all.", "", body, "",
                                             *notes(k, ld)]))
+    update_readme_block("robustness", f"`{cmd}` ({minutes:.1f} min on {machine()}; the section \"Robustness\" "
+                                      f"of `BENCHMARKS.md` has the details):\n\n{body}")
     print(body)
-    print(f"\n{cmd}: {minutes:.1f} min; BENCHMARKS.md updated")
+    print(f"\n{cmd}: {minutes:.1f} min; BENCHMARKS.md and README.md updated")
     failed = f["failed_tests"] or k["identical"] < k["trials"] or ld["errors"] or ld["served"] < ld["requests"]
     failed = failed or hi["failed"] or not w["alive"] or w["peak_mb"] - w["idle_mb"] > w["bound_mb"]
     sys.exit(1 if failed else 0)
