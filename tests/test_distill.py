@@ -194,3 +194,21 @@ def test_one_step_student_matches_the_many_step_teacher(tmp_path):
     err_teacher1 = stats_error(lambda c, g: teacher.sample(c, num_inference_steps=1, generator=g), ref)
     assert err < 0.1, err
     assert err < 0.4 * min(err_untrained, err_teacher1), (err, err_untrained, err_teacher1)
+
+
+def test_a_fresh_model_with_a_fewstep_head_keeps_the_zeroed_embeddings():
+    """A model built with a few-step head keeps the head's own init (target and guidance embeddings' last
+    layers zero, so the student starts as its teacher's network): transformers' default init would redraw
+    them, as it did before the head owned its init."""
+    from mmar.modeling import MMARModel
+
+    model, _ = make_tiny()
+    config = model.config.to_dict()
+    teacher = dict(config["modalities"]["image"]["head"])
+    config["modalities"]["image"]["head"] = {"name": "fewstep", "teacher": teacher, "steps": 2, "teacher_steps": 5}
+    fresh = MMARModel(type(model.config).from_dict(config))
+    head = fresh.heads["image"]
+    assert isinstance(head, FewStepHead)
+    for emb in (head.target_embed, head.guide_embed):
+        assert torch.count_nonzero(emb[-1].weight) == 0 and torch.count_nonzero(emb[-1].bias) == 0
+        assert torch.count_nonzero(emb[0].weight) > 0  # the first layer is drawn, not zeroed

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
+from transformers import initialization as hf_init
 
 from .base import Head, register_head, signature_defaults
 from .continuous import FREQ_DIM, ContinuousHead, timestep_features
@@ -50,11 +51,9 @@ TEACHERS = ("diffusion", "flow")
 
 
 def _embedding(width: int) -> nn.Sequential:
-    """Sinusoidal features -> width, the last layer zeroed: adding it changes nothing until trained."""
-    emb = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
-    nn.init.zeros_(emb[-1].weight)
-    nn.init.zeros_(emb[-1].bias)
-    return emb
+    """Sinusoidal features -> width; :meth:`FewStepHead.init_own_weights` zeroes its last layer, so adding
+    it changes nothing until trained."""
+    return nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
 
 
 class TeacherSchedule:
@@ -118,6 +117,15 @@ class FewStepHead(ContinuousHead):
         self.grid = [k * teacher_steps // steps for k in range(steps + 1)]  # student grid, as teacher states
         self.target_embed = _embedding(self.schedule.width)
         self.guide_embed = _embedding(self.schedule.width)
+        self.init_own_weights()
+
+    def init_own_weights(self) -> None:
+        """Zero the target and guidance embeddings' last layers (the student starts as its teacher's network).
+        Called here and again by ``MMARModel`` after transformers' default init, which would redraw every
+        Linear; ``transformers.initialization`` leaves weights loaded from a checkpoint alone."""
+        for emb in (self.target_embed, self.guide_embed):
+            hf_init.zeros_(emb[-1].weight)
+            hf_init.zeros_(emb[-1].bias)
 
     @classmethod
     def from_teacher(cls, teacher: Head, spec: dict, **options) -> FewStepHead:
