@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from mmar.datasets.shapes import (COLOURS, IMAGE_SIZE, SHAPES, Scene, Shape, ShapesDataset, all_texts, caption,
-                                  load_split, questions, t2i_prompt)
-from mmar.eval.shapes import QUESTION_KINDS, analyser_accuracy, check, detect, score_answers
+from mmar.datasets.shapes import (COLOURS, IMAGE_SIZE, SHAPES, T2I_PROMPTS, Scene, Shape, ShapesDataset, all_texts,
+                                  caption, load_split, questions, t2i_prompt)
+from mmar.eval.shapes import (HELDOUT_T2I_PROMPTS, QUESTION_KINDS, analyser_accuracy, check, detect, heldout_t2i_prompt,
+                              score_answers)
 from mmar.sequence import Image
 from tests.conftest import make_tiny
 
@@ -49,6 +50,38 @@ def test_dataset_samples_are_deterministic():
         else:
             assert isinstance(user.content[0], Image) and user.content[1].text in QUESTION_KINDS
             assert answer.content[0].text in texts or answer.content[0].text.startswith(("a ", "two "))
+
+
+def _every_caption_scene() -> list[Scene]:
+    """A scene for every caption the task has (every layout, colours and kinds; positions do not matter)."""
+    shapes = [Shape(k, c, 0, 0, 0) for c in COLOURS for k in SHAPES]
+    return [Scene((a,), p) for a in shapes for p in ("left", "right", "top", "bottom")] + [
+        Scene((a, b), lay) for a in shapes for b in shapes for lay in ("horizontal", "vertical")]
+
+
+def _training_texts() -> set[str]:
+    """Every text of every training sample the dataset generates (prompts, questions and answers), for
+    a few seeds (the seed picks the wordings), and every string of the tokenizer's text list."""
+    texts = set(all_texts())
+    for seed in range(3):
+        data = ShapesDataset("train", seed=seed)
+        texts |= {part.text for i in range(len(data)) for msg in data[i] for part in msg.content
+                  if not isinstance(part, Image)}
+    return texts
+
+
+def test_heldout_wordings_are_never_trained_on():
+    """No held-out wording is a training template, no held-out prompt of any caption is a text of any
+    training sample, and every held-out prompt still holds its caption (so the analyser's check applies)."""
+    assert not set(HELDOUT_T2I_PROMPTS) & set(T2I_PROMPTS) and len(set(HELDOUT_T2I_PROMPTS)) == 5
+    trained = _training_texts()
+    assert {t2i_prompt(s, i) for s in load_split("train")[0][:50] for i in range(4)} <= trained  # it sees them
+    for scene in _every_caption_scene():
+        for i in range(len(HELDOUT_T2I_PROMPTS)):
+            p = heldout_t2i_prompt(scene, i)
+            assert p not in trained and caption(scene) in p, p
+    assert heldout_t2i_prompt(Scene((Shape("circle", "red", 0, 0, 0),), "left"), 1) == \
+        "can you make a picture of a red circle on the left?"
 
 
 def test_captions_and_questions():
@@ -108,18 +141,21 @@ def test_tiny_model_trains_on_shapes():
 class _ScriptedPipe:
     """A tiny real pipeline whose answers are scripted: text questions are answered from the held-out
     scenes (right, or a wrong answer for the question types in ``wrong``), and image prompts get the
-    real held-out image of their scene (an oracle generator)."""
+    real held-out image of their scene (an oracle generator); prompts in a held-out wording get it too
+    when ``heldout_wordings`` is true, else a blank image (an oracle of the training wordings only)."""
 
-    def __init__(self, pipe, wrong: tuple[str, ...] = ()):
+    def __init__(self, pipe, wrong: tuple[str, ...] = (), heldout_wordings: bool = True):
         from mmar.datasets.shapes import questions
 
-        self.pipe, self.wrong = pipe, wrong
+        self.pipe, self.wrong, self.heldout_wordings = pipe, wrong, heldout_wordings
         scenes, images = load_split("test")
         self.answers = {(im.tobytes(), q): a for s, im in zip(scenes, images) for q, a in questions(s)}
         self.drawn: dict[str, list] = {}
-        for s, im in zip(scenes, images):
+        self.heldout: dict[str, list] = {}
+        for j, (s, im) in enumerate(zip(scenes, images)):
             self.drawn.setdefault(t2i_prompt(s), []).append(PILImage.fromarray(im))  # as a pipeline returns
-        self.calls = Counter()
+            self.heldout.setdefault(heldout_t2i_prompt(s, j), []).append(PILImage.fromarray(im))
+        self.calls, self.image_prompts = Counter(), []
 
     def __getattr__(self, name):
         return getattr(self.pipe, name)
@@ -136,7 +172,14 @@ class _ScriptedPipe:
                 out.append("wrong" if QUESTION_KINDS[question] in self.wrong else right)
             return SimpleNamespace(text=out)
         assert mode == "image"
-        return SimpleNamespace(images=[[self.drawn[p].pop(0)] for p in prompts])
+        self.image_prompts += prompts
+        return SimpleNamespace(images=[[self._draw(p)] for p in prompts])
+
+    def _draw(self, prompt: str):
+        if prompt in self.drawn:
+            return self.drawn[prompt].pop(0)
+        image = self.heldout[prompt].pop(0)  # a KeyError: a prompt in neither wording
+        return image if self.heldout_wordings else PILImage.new("RGB", image.size)
 
 
 def test_score_answers_counts_every_question_it_reports():
@@ -175,8 +218,11 @@ def test_evaluator_scores_an_oracle_perfectly_and_counts_wrong_captions(tmp_path
     oracle = _ScriptedPipe(tiny_shapes_pipe)
     m = evaluate_shapes("tiny", output=str(out), pipeline=oracle, num_prompts=6, num_qa_scenes=4, guidance_scale=1.0)
     saved = json.loads(out.read_text())
-    assert saved["n_generated"] == 6 and oracle.calls == {"text": saved["n_questions"], "image": 6}
+    assert saved["n_generated"] == saved["n_generated_heldout_prompts"] == 6
+    assert oracle.calls == {"text": saved["n_questions"], "image": 6 + 6}
     assert m["analyser_on_real_heldout"] == 1.0 and m["text_to_image_overall"] == 1.0
+    assert saved["text_to_image_overall_heldout_prompts"] == 1.0
+    assert saved["heldout_prompts"] == list(HELDOUT_T2I_PROMPTS)
     assert all(m["text_to_image"][k] == 1.0 for k in ("count", "colour", "shape", "overall"))
     assert m["image_to_text_accuracy"] == 1.0 and m["caption_exact_match"] == 1.0
     assert sum(m["n_questions_by_type"].values()) == m["n_questions"] and m["n_questions_by_type"]["caption"] == 4
@@ -187,10 +233,32 @@ def test_evaluator_scores_an_oracle_perfectly_and_counts_wrong_captions(tmp_path
     assert bad["image_to_text_accuracy"] == pytest.approx(1 - 4 / bad["n_questions"])
 
 
+def test_evaluator_reports_heldout_wordings_apart(tiny_shapes_pipe):
+    """An oracle of the training wordings only: 1.0 on them, 0.0 on the held-out wordings, which were
+    asked for exactly the first held-out scenes, one prompt each."""
+    from mmar.eval.shapes import evaluate_shapes
+
+    trained_only = _ScriptedPipe(tiny_shapes_pipe, heldout_wordings=False)
+    m = evaluate_shapes("tiny", pipeline=trained_only, num_prompts=8, num_heldout_prompts=5, num_qa_scenes=1,
+                        guidance_scale=1.0)
+    assert m["n_generated"] == 8 and m["n_generated_heldout_prompts"] == 5
+    assert m["text_to_image_overall"] == 1.0 and m["text_to_image"]["count"] == 1.0
+    assert m["text_to_image_overall_heldout_prompts"] == 0.0 and m["text_to_image_heldout_prompts"]["count"] == 0.0
+    scenes = load_split("test")[0]
+    asked = [p for p in trained_only.image_prompts if p not in {t2i_prompt(s) for s in scenes}]
+    assert asked == [heldout_t2i_prompt(s, j) for j, s in enumerate(scenes[:5])]
+    assert {p.replace(caption(s), "{c}") for p, s in zip(asked, scenes)} == set(HELDOUT_T2I_PROMPTS)  # each once
+    none = evaluate_shapes("tiny", pipeline=_ScriptedPipe(tiny_shapes_pipe), num_prompts=2, num_heldout_prompts=0,
+                           num_qa_scenes=1, guidance_scale=1.0)
+    assert none["n_generated_heldout_prompts"] == 0 and none["text_to_image_overall_heldout_prompts"] is None
+
+
 def test_evaluator_runs_on_a_tiny_model(tmp_path, tiny_shapes_pipe):
     from mmar.eval.shapes import evaluate_shapes
 
     m = evaluate_shapes("tiny", pipeline=tiny_shapes_pipe, num_prompts=2, num_qa_scenes=2, guidance_scale=1.0)
-    assert m["n_generated"] == 2 and m["n_questions"] == sum(len(questions(s)) for s in load_split("test")[0][:2])
+    assert m["n_generated"] == m["n_generated_heldout_prompts"] == 2
+    assert m["n_questions"] == sum(len(questions(s)) for s in load_split("test")[0][:2])
+    assert set(m["text_to_image_heldout_prompts"]) >= {"count", "colour", "shape", "position", "overall"}
     assert set(m["text_to_image"]) >= {"count", "colour", "shape", "position", "overall"}
     assert set(m["image_to_text_by_question"]) <= set(m["n_questions_by_type"])

@@ -7,6 +7,9 @@ the bottom than at the top), its place from the centre of its box. Each prompt i
 colours, shapes and positions; ``overall`` is the share of images that pass every check (GenEval's
 rule). :func:`analyser_accuracy` validates the analyser on the real held-out images.
 
+Held-out wordings: text-to-image again on the same scenes, each prompt phrased in a way no training
+sample is (:data:`HELDOUT_T2I_PROMPTS`), scored the same way and reported apart.
+
 Image-to-text: greedy answers to every question of every held-out scene, exact match; accuracy per
 question type (captions included) and overall over every question asked (:func:`score_answers`).
 """
@@ -27,7 +30,7 @@ from ..datasets.shapes import COLOURS, QUESTIONS, Scene, caption, load_split, qu
 from ..pipeline import MMARPipeline
 from ..sequence import Image, Message
 from .report import save_report
-from .digits import FD_FEATURES, frechet_distance
+from .digits import FD_FEATURES, HELDOUT_SEED_OFFSET, frechet_distance
 
 BATCH = 100
 FOREGROUND = 100  # a pixel whose brightest channel exceeds this is not background (which is black)
@@ -40,6 +43,10 @@ COLOUR_NAMES = list(COLOURS)
 MAX_ANSWER_TOKENS = 24
 GRID_COLS = 10
 GRID_SCALE = 4
+# text-to-image wordings that no training sample uses (mmar.data.shapes.T2I_PROMPTS are the training ones):
+# the held-out-wording score shows whether the model follows the caption or the memorised sentence
+HELDOUT_T2I_PROMPTS = ("please sketch {c}", "can you make a picture of {c}?", "I would like to see {c}",
+                       "paint {c} for me", "a picture showing {c}")
 
 
 @dataclass
@@ -186,12 +193,24 @@ def answer_questions(pipe: MMARPipeline, scenes: list[Scene], images: np.ndarray
     return asked, answers
 
 
-def generate_images(pipe: MMARPipeline, prompts: list[Scene], seed: int, **gen_kw) -> list:
-    """One image per scene's text-to-image prompt, each from its own seeded generator."""
+def heldout_t2i_prompt(scene: Scene, i: int = 0) -> str:
+    """A text-to-image prompt for ``scene`` in a wording that no training sample uses (:data:`HELDOUT_T2I_PROMPTS`)."""
+    return HELDOUT_T2I_PROMPTS[i % len(HELDOUT_T2I_PROMPTS)].format(c=caption(scene))
+
+
+def training_t2i_prompt(scene: Scene, i: int = 0) -> str:
+    """The training wording the evaluator asks for every scene: ``t2i_prompt`` variant 0 ("draw ...")."""
+    return t2i_prompt(scene)
+
+
+def generate_images(pipe: MMARPipeline, prompts: list[Scene], seed: int, wording=training_t2i_prompt,
+                    **gen_kw) -> list:
+    """One image per scene, prompted with ``wording(scene, index)``, each from its own seeded generator."""
     generated = []
     for k, chunk in enumerate(_batches(prompts)):
         gens = [torch.Generator().manual_seed(seed * 100_003 + k * BATCH + i) for i in range(len(chunk))]
-        out = pipe([t2i_prompt(s) for s in chunk], generator=gens, mode="image", max_items=1, **gen_kw)
+        texts = [wording(s, k * BATCH + i) for i, s in enumerate(chunk)]
+        out = pipe(texts, generator=gens, mode="image", max_items=1, **gen_kw)
         generated += [imgs[0] for imgs in out.images]
     return generated
 
@@ -210,14 +229,33 @@ def _save(metrics: dict[str, Any], output: str | None, grid: str | None, generat
     save_report(metrics, output, grid, generated, GRID_COLS, GRID_SCALE)
 
 
+def text_to_image(pipe: MMARPipeline, scenes: tuple[Scene, ...], num_prompts: int, num_heldout_prompts: int,
+                  seed: int, **gen_kw) -> tuple[list, dict[str, Any]]:
+    """Images for the first ``num_prompts`` held-out captions in the training wording and for the first
+    ``num_heldout_prompts`` in held-out wordings (other seeds), each read by the analyser: the images of the
+    training wording, and the metrics of both, the held-out wordings' apart."""
+    prompts, heldout = list(scenes[:num_prompts]), list(scenes[:num_heldout_prompts])
+    generated = generate_images(pipe, prompts, seed, **gen_kw)
+    heldout_images = generate_images(pipe, heldout, seed + HELDOUT_SEED_OFFSET, heldout_t2i_prompt, **gen_kw)
+    t2i = summarise(prompts, [check(s, im) for s, im in zip(prompts, generated)])
+    t2i_heldout = summarise(heldout, [check(s, im) for s, im in zip(heldout, heldout_images)])
+    return generated, {"text_to_image_overall": t2i["overall"], "text_to_image": t2i,
+                       "text_to_image_overall_heldout_prompts": t2i_heldout["overall"],
+                       "text_to_image_heldout_prompts": t2i_heldout, "heldout_prompts": list(HELDOUT_T2I_PROMPTS),
+                       "n_generated": len(generated), "n_generated_heldout_prompts": len(heldout_images)}
+
+
 def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None = None,
                     guidance_scale: float | None = None, num_inference_steps: int | None = None, seed: int = 0,
                     image_temperature: float | None = None, num_prompts: int = 120, num_qa_scenes: int | None = None,
-                    pipeline: MMARPipeline | None = None, **_) -> dict[str, Any]:
+                    num_heldout_prompts: int | None = None, pipeline: MMARPipeline | None = None,
+                    **_) -> dict[str, Any]:
     """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets the generated images.
-    ``num_prompts``: generated images (one per held-out caption); ``num_qa_scenes``: held-out scenes
-    whose questions are asked (default: all); ``image_temperature``: the diffusion head's sampling
-    temperature (default: the model's generation config)."""
+    ``num_prompts``: generated images (one per held-out caption); ``num_heldout_prompts``: as many again
+    (default ``num_prompts``) for the same captions in wordings no training sample uses, reported apart
+    (``text_to_image_overall_heldout_prompts``); ``num_qa_scenes``: held-out scenes whose questions are
+    asked (default: all); ``image_temperature``: the diffusion head's sampling temperature (default: the
+    model's generation config)."""
     t0 = time.time()
     pipe = pipeline or MMARPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -226,21 +264,19 @@ def evaluate_shapes(model_dir: str, output: str | None = None, grid: str | None 
     scenes, images = load_split("test")
     asked, answers = answer_questions(pipe, scenes, images, num_qa_scenes)  # image -> text (greedy)
     qa = score_answers(asked, answers)
-    prompts = list(scenes[:num_prompts])  # text -> image: first held-out captions (CFG), read by the analyser
-    generated = generate_images(pipe, prompts, seed, guidance_scale=guidance_scale,
-                                num_inference_steps=num_inference_steps, image_temperature=image_temperature)
-    t2i = summarise(prompts, [check(s, im) for s, im in zip(prompts, generated)])
+    generated, t2i = text_to_image(  # text -> image: the first held-out captions (CFG), read by the analyser
+        pipe, scenes, num_prompts, num_prompts if num_heldout_prompts is None else num_heldout_prompts, seed,
+        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, image_temperature=image_temperature)
     head = pipe.model.config.modalities["image"].head
     metrics = {
-        "task": "shapes", "model": str(model_dir),
-        "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
+        "task": "shapes", "model": str(model_dir), **t2i,
         # every question asked, captions included; the caption-free figure is named as such
         "image_to_text_accuracy": qa["overall"], "image_to_text_accuracy_without_captions": qa["without_captions"],
         "caption_exact_match": qa["by_type"].get("caption"), "image_to_text_by_question": qa["by_type"],
         "n_questions_by_type": qa["n_by_type"],
         "analyser_on_real_heldout": analyser_accuracy("test")["overall"],
         **_fd_metrics(generated, images, seed),
-        "n_questions": len(asked), "n_generated": len(generated), "guidance_scale": guidance_scale,
+        "n_questions": len(asked), "guidance_scale": guidance_scale,
         "head": head["name"], "num_inference_steps": num_inference_steps or head.get("num_inference_steps"),
         "image_temperature": image_temperature or pipe.generation_config.image_temperature,
         "seed": seed, "eval_seconds": round(time.time() - t0, 1),
