@@ -263,6 +263,28 @@ class _Row:
         return self.tokens
 
 
+def _draw_row(models, b: int, ids: torch.Tensor, embeds: list, tables, s: SpeculativeSettings, generator,
+              stats: SpeculativeStats, decode_text) -> RowOutput:
+    """Row ``b`` (its prompt ``ids`` without padding, each model's ``embeds`` of them): the item its start
+    token opens, drawn by :class:`_Row`, then the item's end token and EOS, as the plain sampler writes it."""
+    m = tables.start_of.get(int(ids[-1]))
+    if m is None:
+        raise ValueError("speculative decoding draws the item a prompt opens: end every prompt with a "
+                         "start token (encode it with start_modality=...)")
+    mi = tables.names.index(m)
+    if bool(tables.marked[mi]):
+        raise ValueError(f"speculative decoding does not draw {m} items of several sizes yet")
+    row = _Row(models, m, ids, embeds, tables, s, generator, stats)
+    out = RowOutput(b, m, tables, decode_text or (lambda t: t), None)
+    for token in row.run():
+        out.add(int(tables.ph[mi]), token)
+    out.add(int(tables.end[mi]))
+    if tables.eos is not None:
+        out.add(tables.eos)
+    out.finish()
+    return out
+
+
 @torch.no_grad()
 def speculative_generate(target, draft, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          values: dict | None = None, *, num_draft_tokens: int = 4, prefill_tokens: int = 0,
@@ -284,26 +306,9 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, attention_mask:
                             num_inference_steps, eta, max_residual_tries)
     tables = token_tables(target, "auto", eos_token_id, None)
     embeds = [model.embed(input_ids, values) for model in (target, draft)]
-    stats, rows = SpeculativeStats(), []
-    for b in range(input_ids.shape[0]):
-        keep = attention_mask[b].bool()
-        ids = input_ids[b, keep]
-        m = tables.start_of.get(int(ids[-1]))
-        if m is None:
-            raise ValueError("speculative decoding draws the item a prompt opens: end every prompt with a "
-                             "start token (encode it with start_modality=...)")
-        mi = tables.names.index(m)
-        if bool(tables.marked[mi]):
-            raise ValueError(f"speculative decoding does not draw {m} items of several sizes yet")
-        row = _Row((target, draft), m, ids, [e[b, keep] for e in embeds], tables, s, generator, stats)
-        out = RowOutput(b, m, tables, decode_text or (lambda t: t), None)
-        for token in row.run():
-            out.add(int(tables.ph[mi]), token)
-        out.add(int(tables.end[mi]))
-        if tables.eos is not None:
-            out.add(tables.eos)
-        out.finish()
-        rows.append(out)
+    stats = SpeculativeStats()
+    rows = [_draw_row((target, draft), b, input_ids[b, keep], [e[b, keep] for e in embeds], tables, s, generator,
+                      stats, decode_text) for b, keep in enumerate(attention_mask.bool())]
     result = assemble(rows)
     result.stats = stats
     return result
