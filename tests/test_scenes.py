@@ -10,8 +10,9 @@ from PIL import Image as PILImage
 
 from mmar.data.scenes import (CATEGORIES, EDIT_TYPES, HELD_OUT_COMBINATIONS, IMAGE_SIZE, KINDS, Obj, ScenesDataset,
                               all_texts, caption, categories, draw, load_edits, load_split, make_edit, questions,
-                              random_scene, relation, scene_of, shape_mask, split_of, t2i_prompt)
-from mmar.eval.scenes import analyser_accuracy, check, detect, edit_verdict, read_objects
+                              random_scene, relation, scene_of, shape_mask, split_of, t2i_prompt, t2i_text)
+from mmar.eval.scenes import (HELDOUT_T2I_PROMPTS, analyser_accuracy, check, detect, edit_verdict, heldout_t2i_prompt,
+                              read_objects)
 from mmar.types import Image
 
 
@@ -39,6 +40,29 @@ def test_splits_are_fixed_disjoint_and_hold_out_combinations():
         assert set(Counter(len(s.objects) for s in split)) == {1, 2, 3, 4}
     with pytest.raises(ValueError, match="split must be one of"):
         load_split("valid")
+
+
+def test_heldout_wordings_are_never_trained_on():
+    """No held-out wording is a training template, and no held-out prompt, of any category of any scene of
+    either split, is a text of a training sample: every prompt wording of every training scene and category
+    (both orders), and every text of the samples ScenesDataset generates (two seeds)."""
+    from mmar.data.scenes import T2I_TEMPLATES
+
+    assert not set(HELDOUT_T2I_PROMPTS) & set(T2I_TEMPLATES) and len(set(HELDOUT_T2I_PROMPTS)) == 5
+    scenes, test_scenes = load_split("train")[0], load_split("test")[0]
+    trained = set(all_texts()) | {t.format(p=t2i_text(s, c, flip)) for s in scenes for c in categories(s)
+                                  for flip in (False, True) for t in T2I_TEMPLATES}
+    for seed in range(2):
+        data = ScenesDataset("train", seed=seed, kinds=("t2i", "i2t"))
+        trained |= {part.text for i in range(len(data)) for msg in data[i] for part in msg.content
+                    if not isinstance(part, Image)}
+    trained |= {e.instruction for e in load_edits("train") if e is not None}
+    assert {t2i_prompt(s, c, v) for s in test_scenes[:100] for c in categories(s) for v in range(8)} & trained
+    for s in scenes + test_scenes:
+        for c in categories(s):
+            for i in range(len(HELDOUT_T2I_PROMPTS)):
+                p = heldout_t2i_prompt(s, c, i)
+                assert p not in trained and t2i_text(s, c) in p, p
 
 
 def test_scenes_have_no_overlap_and_unique_names():
@@ -186,13 +210,16 @@ class _ScriptedPipe:
     """A tiny real pipeline whose outputs are scripted from the held-out scene graphs: answers are right
     (or "wrong" for the question types in ``wrong_answers``), a text-to-image prompt gets the real image of
     its scene (the objects swapped for the categories in ``wrong_images``), an edit gets the real edited
-    image (the unedited source for the edit types in ``wrong_edits``)."""
+    image (the unedited source for the edit types in ``wrong_edits``). A prompt in a held-out wording gets
+    a real image of a scene its words describe when ``heldout_wordings`` is true, else a blank image."""
 
-    def __init__(self, pipe, wrong_answers=(), wrong_images=(), wrong_edits=()):
+    def __init__(self, pipe, wrong_answers=(), wrong_images=(), wrong_edits=(), heldout_wordings=True):
         from mmar.eval.scenes import prompt_set
 
-        self.pipe, self.calls = pipe, Counter()
-        self.wrong_answers, self.wrong_edits = wrong_answers, wrong_edits
+        self.pipe, self.calls, self.image_prompts = pipe, Counter(), []
+        self.wrong_answers, self.wrong_edits, self.heldout_wordings = wrong_answers, wrong_edits, heldout_wordings
+        self.heldout = {heldout_t2i_prompt(s, c, i): im for s, im in zip(*load_split("test")) for c in categories(s)
+                        for i in range(len(HELDOUT_T2I_PROMPTS))}  # what it says fixes what the check asks for
         scenes, images = load_split("test")
         self.answers = {(im.tobytes(), q): (t, a) for s, im in zip(scenes, images) for t, q, a in questions(s)}
         self.drawn: dict[str, list] = {}
@@ -218,7 +245,13 @@ class _ScriptedPipe:
             return SimpleNamespace(text=out)
         images = []
         for p in prompts:
+            if isinstance(p, str) and p in self.heldout:
+                self.image_prompts.append(p)
+                shown = self.heldout[p] if self.heldout_wordings else np.zeros_like(self.heldout[p])
+                images.append([PILImage.fromarray(shown)])
+                continue
             if isinstance(p, str):
+                self.image_prompts.append(p)
                 images.append([self.drawn[p].pop(0)])
                 continue
             src, instruction = p[0].content
@@ -246,8 +279,10 @@ def test_evaluator_scores_an_oracle_perfectly(tmp_path, tiny_scenes_pipe):
                         num_edits=30, guidance_scale=1.0)
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["n_generated"] == 60 and saved["n_edits"] == 30 and 0 < saved["n_generated_held_out_extra"] <= 60
-    assert oracle.calls == {"text": m["n_questions"], "image": 90 + saved["n_generated_held_out_extra"]}
+    assert saved["n_generated_heldout_prompts"] == 60 and saved["heldout_prompts"] == list(HELDOUT_T2I_PROMPTS)
+    assert oracle.calls == {"text": m["n_questions"], "image": 90 + 60 + saved["n_generated_held_out_extra"]}
     assert m["text_to_image_overall"] == 1.0 and set(m["text_to_image"]["by_category"].values()) == {1.0}
+    assert saved["text_to_image_overall_heldout_prompts"] == 1.0
     held = m["text_to_image"]["held_out_combinations"]
     assert held["n"] > 20 and held["by_category"]["position"] == 1.0
     assert m["text_to_image_overall_held_out_combinations"] == 1.0
@@ -280,6 +315,23 @@ def test_evaluator_scores_drop_by_the_share_a_wrong_pipeline_gets_wrong(tiny_sce
     assert m["editing"]["kept"] == 1.0  # the unedited image keeps every other object
 
 
+def test_evaluator_reports_heldout_wordings_apart(tiny_scenes_pipe):
+    """An oracle of the training wordings only: 1.0 on them, 0.0 on the held-out wordings, asked for
+    exactly the first main (category, scene) pairs in turn."""
+    from mmar.eval.scenes import evaluate_scenes, prompt_set
+
+    trained_only = _ScriptedPipe(tiny_scenes_pipe, heldout_wordings=False)
+    m = evaluate_scenes("tiny", pipeline=trained_only, num_prompts=60, num_heldout_prompts=25, num_qa_scenes=1,
+                        num_edits=0, guidance_scale=1.0)
+    assert m["n_generated"] == 60 and m["n_generated_heldout_prompts"] == m["text_to_image_heldout_prompts"]["n"] == 25
+    assert m["text_to_image_overall"] == 1.0 and m["text_to_image_overall_heldout_prompts"] == 0.0
+    assert {c: v for c, v in m["text_to_image_heldout_prompts"]["by_category"].items() if v is not None} == {
+        "single_object": 0.0, "two_object": 0.0, "counting": 0.0}  # the first 25 pairs: 10 per category
+    main, _ = prompt_set(60)
+    asked = [p for p in trained_only.image_prompts if p in trained_only.heldout]
+    assert asked == [heldout_t2i_prompt(s, c, i) for i, (c, s) in enumerate(main[:25])]
+
+
 def test_tiny_model_trains_on_scenes_through_the_cli_and_evaluates(tmp_path, monkeypatch):
     """A tiny backbone on the scenes data (64 image tokens of 48 values) for a few steps through
     `mmar train` (without the final preview grid, see :func:`_two_steps`), then `mmar eval --task scenes`
@@ -310,6 +362,7 @@ def test_tiny_model_trains_on_scenes_through_the_cli_and_evaluates(tmp_path, mon
     m = json.loads(out.read_text())
     assert m["task"] == "scenes" and m["n_generated"] == 6 and m["n_edits"] == 2
     assert m["n_generated_held_out_extra"] == 4  # one each of the four categories held-out scenes have
+    assert m["n_generated_heldout_prompts"] == 6 and "text_to_image_overall_heldout_prompts" in m
     assert m["n_questions"] == len(questions(load_split("test")[0][0]))
     assert set(m["text_to_image"]["by_category"]) == set(CATEGORIES) and 0 <= m["text_to_image_overall"] <= 1
     assert set(m["editing"]["by_type"]) == set(EDIT_TYPES) and (tmp_path / "metrics_grid.png").is_file()

@@ -13,6 +13,8 @@ scenes and edits (the exact scene graph read back).
   mean of the six category scores (GenEval's overall); every figure also for the held-out-combination
   subset (scenes holding a colour and kind in a relation to another object that no training image has:
   there the position category is the composition test, its prompt naming the unseen combination);
+  and again, reported apart, for the same scenes and categories in wordings no training sample uses
+  (:data:`HELDOUT_T2I_PROMPTS`);
 * image-to-text: greedy answers to every question of the first held-out scenes, exact match, per
   question type and overall (captions included) and on the held-out-combination subset;
 * editing: the source image and the instruction -> the edited image, which passes when the analyser
@@ -36,10 +38,10 @@ import torch
 from PIL import Image as PILImage
 
 from ..data.scenes import (CATEGORIES, CELL, COLOURS, EDIT_TYPES, GRID, Edit, Obj, Scene, categories, draw,
-                           load_edits, load_split, offset_relation, questions, relation, t2i_prompt)
+                           load_edits, load_split, offset_relation, questions, relation, t2i_prompt, t2i_text)
 from ..pipeline import MMARPipeline
 from ..types import Image, Message
-from .digits import FD_FEATURES, frechet_distance
+from .digits import FD_FEATURES, HELDOUT_SEED_OFFSET, frechet_distance
 from .shapes import BATCH, _batches, _save, normalise
 
 FOREGROUND = 100  # a pixel whose brightest channel exceeds this is not background
@@ -54,6 +56,9 @@ MAX_ANSWER_TOKENS = 64
 FD_TRAIN_IMAGES = 2000
 FD_BAND_DRAWS = 5
 FD_REF_PER_CATEGORY = 50
+# text-to-image wordings that no training sample uses (mmar.data.scenes.T2I_TEMPLATES are the training ones)
+HELDOUT_T2I_PROMPTS = ("please sketch {p}", "can you make a picture of {p}?", "I would like to see {p}",
+                       "paint {p} for me", "a picture showing {p}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,32 @@ def generate(pipe: MMARPipeline, prompts: list, seed: int, **gen_kw) -> list:
     return out_images
 
 
+def heldout_t2i_prompt(scene: Scene, category: str, i: int = 0) -> str:
+    """``category``'s prompt for ``scene`` (as :func:`t2i_prompt` variant 0 names it) in a wording that no
+    training sample uses (:data:`HELDOUT_T2I_PROMPTS`)."""
+    return HELDOUT_T2I_PROMPTS[i % len(HELDOUT_T2I_PROMPTS)].format(p=t2i_text(scene, category))
+
+
+def text_to_image(pipe: MMARPipeline, num_prompts: int, num_heldout_prompts: int | None, seed: int,
+                  **settings) -> tuple[list[tuple[str, Scene]], list, dict[str, Any]]:
+    """Images for :func:`prompt_set` (training wording, variant 0) and for its first ``num_heldout_prompts``
+    main pairs (default: all) in held-out wordings, other seeds; each checked. Returns the main pairs, the
+    training-wording images (main, then extra) and the metrics, the held-out wordings' apart."""
+    main, extra = prompt_set(num_prompts)
+    pairs, heldout = main + extra, main[:num_heldout_prompts]
+    generated = generate(pipe, [t2i_prompt(s, c) for c, s in pairs], seed, **settings)
+    t2i = summarise_t2i(pairs, [check(c, s, im) for (c, s), im in zip(pairs, generated)], len(main))
+    held_images = generate(pipe, [heldout_t2i_prompt(s, c, i) for i, (c, s) in enumerate(heldout)],
+                           seed + HELDOUT_SEED_OFFSET, **settings) if heldout else []
+    held = summarise_t2i(heldout, [check(c, s, im) for (c, s), im in zip(heldout, held_images)], len(heldout))
+    return main, generated, {
+        "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
+        "text_to_image_overall_held_out_combinations": t2i["held_out_combinations"]["overall"],
+        "text_to_image_overall_heldout_prompts": held["overall"], "text_to_image_heldout_prompts": held,
+        "heldout_prompts": list(HELDOUT_T2I_PROMPTS), "n_generated": len(main),
+        "n_generated_held_out_extra": len(extra), "n_generated_heldout_prompts": len(held_images)}
+
+
 def edit_prompt(edit: Edit) -> list[Message]:
     """The editing request as a pipeline prompt: the source image and the instruction."""
     return [Message("user", [Image(draw(edit.source)), edit.instruction])]
@@ -272,10 +303,14 @@ def evaluate_scenes(model_dir: str, output: str | None = None, grid: str | None 
                     guidance_scale: float | None = None, image_guidance_scale: float | None = None,
                     num_inference_steps: int | None = None, seed: int = 0, image_temperature: float | None = None,
                     num_prompts: int = 120, num_qa_scenes: int | None = 100, num_edits: int = 60,
-                    pipeline: MMARPipeline | None = None, **_) -> dict[str, Any]:
+                    num_heldout_prompts: int | None = None, pipeline: MMARPipeline | None = None,
+                    **_) -> dict[str, Any]:
     """Metrics as a dict (also written to ``output`` as JSON); ``grid`` gets the generated images
     (text-to-image, then edits). ``num_prompts``: text-to-image prompts, spread evenly over the six
-    categories (and as many again from held-out-combination scenes, :func:`prompt_set`); ``num_qa_scenes``: held-out scenes whose questions are asked (None: all 500);
+    categories (and as many again from held-out-combination scenes, :func:`prompt_set`);
+    ``num_heldout_prompts``: the first of those (default: all but the extra ones) again in wordings no
+    training sample uses, reported apart (``text_to_image_overall_heldout_prompts``); ``num_qa_scenes``:
+    held-out scenes whose questions are asked (None: all 500);
     ``num_edits``: the first held-out edits; ``image_guidance_scale`` goes to the pipeline for edits
     only when given (dual guidance)."""
     t0 = time.time()
@@ -287,27 +322,21 @@ def evaluate_scenes(model_dir: str, output: str | None = None, grid: str | None 
                 "image_temperature": image_temperature}
     asked, answers = answer_questions(pipe, num_qa_scenes)
     qa = score_answers(asked, answers)
-    main, extra = prompt_set(num_prompts)
-    pairs = main + extra
-    generated = generate(pipe, [t2i_prompt(s, c) for c, s in pairs], seed, **settings)
-    t2i = summarise_t2i(pairs, [check(c, s, im) for (c, s), im in zip(pairs, generated)], len(main))
+    main, generated, t2i = text_to_image(pipe, num_prompts, num_heldout_prompts, seed, **settings)
     edits = [e for e in load_edits("test") if e is not None][:num_edits]
     edit_kw = {} if image_guidance_scale is None else {"image_guidance_scale": image_guidance_scale}
     edited = generate(pipe, [edit_prompt(e) for e in edits], seed + 1, **settings, **edit_kw) if edits else []
     ed = summarise_edits(edits, [edit_verdict(e, im) for e, im in zip(edits, edited)])
     head = pipe.model.config.modalities[Image.modality].head
     metrics = {
-        "task": "scenes", "model": str(model_dir),
-        "text_to_image_overall": t2i["overall"], "text_to_image": t2i,
-        "text_to_image_overall_held_out_combinations": t2i["held_out_combinations"]["overall"],
+        "task": "scenes", "model": str(model_dir), **t2i,
         "image_to_text_accuracy": qa["overall"], "image_to_text_accuracy_without_captions": qa["without_captions"],
         "image_to_text_by_question": qa["by_type"], "n_questions_by_type": qa["n_by_type"],
         "image_to_text_accuracy_held_out_combinations": qa["held_out_combinations"],
         "editing_success": ed["success"], "editing": ed,
         "analyser_on_real_heldout": analyser_accuracy("test"),
         **(fd_metrics(generated[: len(main)], [c for c, _ in main], seed) if len(main) > 1 else {}),
-        "n_questions": qa["n"], "n_generated": len(main), "n_generated_held_out_extra": len(extra),
-        "n_edits": len(edits),
+        "n_questions": qa["n"], "n_edits": len(edits),
         "guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale, "head": head["name"],
         "num_inference_steps": num_inference_steps or head.get("num_inference_steps"),
         "image_temperature": image_temperature or pipe.generation_config.image_temperature,
