@@ -36,15 +36,19 @@ demo: train
 
 # `make bench`: every benchmark, each rewriting its section of BENCHMARKS.md (about 2 hours on 2 cores, most
 # of it training the models they compare; run it on an otherwise idle machine: the timings are only as quiet
-# as the machine). The [bench] extra brings the baselines (transfusion-pytorch).
+# as the machine). The [bench] extra brings the peers (transfusion-pytorch; autoregressive-diffusion-pytorch
+# without its accelerate<=1.6 pin, see pyproject.toml).
 bench: install
 	$(PIP) install -q -e ".[bench]"
+	$(PIP) install -q --no-deps "autoregressive-diffusion-pytorch==0.4.0"
 	$(PY) benchmarks/digits_quality.py --output_dir runs/bench-digits
 	$(PY) benchmarks/orthus_table.py --runs runs
 	$(PY) benchmarks/sampling_steps.py --model runs/bench-digits
 	test -f runs/digits-flow/model.safetensors || $(VENV)/bin/mmar train --config configs/digits-flow.yaml --output_dir runs/digits-flow
 	$(PY) benchmarks/flow_vs_diffusion.py --diffusion runs/bench-digits --flow runs/digits-flow
-	$(PY) benchmarks/transfusion.py
+	$(PY) benchmarks/peers.py --budget seconds
+	$(PY) benchmarks/peers.py --budget flops
+	$(PY) benchmarks/image_sizes.py --config configs/digits-sizes-large.yaml --num_threads 1
 	$(PY) benchmarks/roundtrip.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/finetune.py
