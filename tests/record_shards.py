@@ -3,7 +3,8 @@ indices of every training batch it collates (one JSON line ``{"epoch": e, "indic
 ``$MMAR_RECORD_SHARDS/rank<process index>.jsonl``), so the multi-process tests can check the data sharding itself:
 each global step's batches disjoint across processes and together the one-process run's batch.
 
-Test-side only: it swaps the trainer's collator class for a recording subclass before running the CLI."""
+Test-side only: it swaps the trainer's collator class (mmar.training.lifecycle's, where setup builds it) for a
+recording subclass before running the CLI."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from accelerate import PartialState
 
 from mmar.cli import main
 from mmar.data.registry import Collator
-from mmar.training import trainer
+from mmar.training import lifecycle
 
 
 class RecordingCollator(Collator):
@@ -26,5 +27,5 @@ class RecordingCollator(Collator):
 
 
 if __name__ == "__main__":
-    trainer.Collator = RecordingCollator
+    lifecycle.Collator = RecordingCollator  # setup (mmar.training.lifecycle) builds the run's collator
     sys.exit(main(sys.argv[1:]))
