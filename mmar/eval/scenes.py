@@ -42,7 +42,7 @@ from ..data.scenes import (CATEGORIES, CELL, COLOURS, EDIT_TYPES, GRID, Edit, Ob
 from ..pipeline import MMARPipeline
 from ..types import Image, Message
 from .digits import FD_FEATURES, HELDOUT_SEED_OFFSET, frechet_distance
-from .shapes import BATCH, _batches, _save, normalise
+from .shapes import BATCH, _batches, _save, colour_regions, normalise
 
 FOREGROUND = 100  # a pixel whose brightest channel exceeds this is not background
 MIN_AREA = 6  # smaller components are specks (the smallest real object, a small diamond, covers 13 pixels)
@@ -86,24 +86,14 @@ def _as_array(image: Any) -> np.ndarray:
 
 def detect(image: Any) -> list[Detection]:
     """The objects in an RGB image (PIL or uint8 array) in reading order of their boxes' centres."""
-    from scipy import ndimage
-
-    arr = _as_array(image)
-    foreground = arr.max(-1) > FOREGROUND
-    nearest = ((arr[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
     found = []
-    for c, colour in enumerate(COLOUR_NAMES):
-        labels, _ = ndimage.label(foreground & (nearest == c))
-        for k, box in enumerate(ndimage.find_objects(labels), start=1):
-            mask = ndimage.binary_fill_holes(labels[box] == k)
-            if mask.sum() < MIN_AREA:
-                continue
-            h, w = mask.shape
-            cx, cy = box[1].start + (w - 1) / 2, box[0].start + (h - 1) / 2
-            # the cell whose centre is nearest (a real object's box centre sits half a pixel off its cell's)
-            row, col = (int(np.clip((v + 0.5) // CELL, 0, GRID - 1)) for v in (cy, cx))
-            size = "large" if max(h, w) >= LARGE_SIDE else "small"
-            found.append(Detection(Obj(shape_kind(mask), colour, size, row, col), cx, cy))
+    for colour, box, mask in colour_regions(image, PALETTE, COLOUR_NAMES, FOREGROUND, MIN_AREA):
+        h, w = mask.shape
+        cx, cy = box[1].start + (w - 1) / 2, box[0].start + (h - 1) / 2
+        # the cell whose centre is nearest (a real object's box centre sits half a pixel off its cell's)
+        row, col = (int(np.clip((v + 0.5) // CELL, 0, GRID - 1)) for v in (cy, cx))
+        size = "large" if max(h, w) >= LARGE_SIDE else "small"
+        found.append(Detection(Obj(shape_kind(mask), colour, size, row, col), cx, cy))
     return sorted(found, key=lambda d: (d.obj.row, d.obj.col, d.obj.name))
 
 

@@ -68,23 +68,32 @@ def shape_kind(mask: np.ndarray) -> str:
     return "square" if mask.sum() / (h * w) > SQUARE_FILL else "circle"
 
 
-def detect(image: Any) -> list[Detection]:
-    """The objects in an RGB image (PIL or uint8 array), largest first."""
+def colour_regions(image: Any, palette: np.ndarray, names: list[str], foreground: float = FOREGROUND,
+                   min_area: int = MIN_AREA):
+    """The objects of a picture of flat-coloured shapes on black (PIL or uint8 array): each connected region
+    of pixels brighter than ``foreground`` whose nearest ``palette`` colour is the same, holes filled, specks
+    under ``min_area`` pixels dropped. Yields ``(colour name, bounding-box slices, mask in the box)``; shared
+    by the shapes and the scenes analysers."""
     from scipy import ndimage
 
     arr = np.asarray(image.convert("RGB") if isinstance(image, PILImage.Image) else image, dtype=np.float32)
-    foreground = arr.max(-1) > FOREGROUND
-    nearest = ((arr[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
-    found = []
-    for c, name in enumerate(COLOUR_NAMES):
-        labels, n = ndimage.label(foreground & (nearest == c))
+    lit = arr.max(-1) > foreground
+    nearest = ((arr[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+    for c, name in enumerate(names):
+        labels, _ = ndimage.label(lit & (nearest == c))
         for k, box in enumerate(ndimage.find_objects(labels), start=1):
             mask = ndimage.binary_fill_holes(labels[box] == k)
-            if mask.sum() < MIN_AREA:
-                continue
-            h, w = mask.shape  # place by the box centre: a triangle's mass sits low in its box
-            found.append(Detection(name, shape_kind(mask), box[1].start + (w - 1) / 2, box[0].start + (h - 1) / 2,
-                                   int(mask.sum())))
+            if mask.sum() >= min_area:
+                yield name, box, mask
+
+
+def detect(image: Any) -> list[Detection]:
+    """The objects in an RGB image (PIL or uint8 array), largest first."""
+    found = []
+    for name, box, mask in colour_regions(image, PALETTE, COLOUR_NAMES):
+        h, w = mask.shape  # place by the box centre: a triangle's mass sits low in its box
+        found.append(Detection(name, shape_kind(mask), box[1].start + (w - 1) / 2, box[0].start + (h - 1) / 2,
+                               int(mask.sum())))
     return sorted(found, key=lambda d: -d.area)
 
 
