@@ -1,6 +1,7 @@
-"""A training run outside its steps: the :class:`Run` it holds, :func:`setup` (accelerator, data, model,
-optimizer, schedule, EMA), :func:`resume` from a checkpoint (:mod:`mmar.training.checkpoints`), and
-:func:`finish` (the final ``save_pretrained`` directory, loss curve and preview)."""
+"""A training run outside its steps: :func:`setup` builds its :class:`Run` (:mod:`.run_state`; accelerator,
+data, model, optimizer, schedule, EMA), :func:`resume` restores it from a checkpoint
+(:mod:`mmar.training.checkpoints`), and :func:`finish` writes the final ``save_pretrained`` directory, the
+loss curve and the preview."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..data.registry import Collator
-from ..sequence import MMARProcessor
 from .acceleration import compile_blocks, enable_checkpointing, make_accelerator, sharded
 from .arguments import DataArguments, ModelArguments, TrainingArguments
 from .batches import check_batches, make_data, make_loader, sample_limit
@@ -28,35 +26,7 @@ from .checkpoints import (
 from .evaluation import finish_eval, held_out_data, make_evaluator
 from .pictures import plot_loss_curve
 from .reporting import preview
-
-
-@dataclass
-class Run:
-    """What one training run holds: built by :func:`setup`, moved on by the loop's steps."""
-
-    acc: Accelerator
-    model: torch.nn.Module
-    processor: MMARProcessor
-    dataset: Any
-    collator: Collator
-    loader: DataLoader
-    opt: torch.optim.Optimizer
-    sched: Any
-    ema: Any = None
-    stream: bool = False  # an IterableDataset: epochs of unknown length
-    log_path: str = ""
-    step: int = 0
-    stream_epoch: int = 0  # streamed data: the epoch, and the loader batches read in it
-    stream_batches: int = 0
-    tokens: int = 0
-    skipped_before: int = 0
-    bad_in_a_row: int = 0
-    bad_steps: int = 0  # batches skipped for a NaN / inf loss or gradient, in all
-    grad_norm: Any = None
-    start: float = field(default_factory=time.time)
-    bar: Any = None
-    postfix: dict = field(default_factory=dict)  # the progress bar's: train and eval losses
-    evaluator: Any = None  # held-out evaluation (mmar.training.evaluation), None without held-out data
+from .run_state import Run
 
 
 def prepare_output_dir(acc: Accelerator, targs: TrainingArguments) -> None:

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
 from .arguments import TrainingArguments
 from .pictures import preview_grid
-
-if TYPE_CHECKING:
-    from .lifecycle import Run
+from .run_state import Run
 
 
 def log_step(run: Run, out, targs: TrainingArguments) -> None:

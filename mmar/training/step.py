@@ -4,15 +4,12 @@ that skips a bad batch on every process alike (and stops a run after ``max_bad_s
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 
 from .arguments import TrainingArguments
-
-if TYPE_CHECKING:
-    from .lifecycle import Run
+from .run_state import Run
 
 
 def finite_everywhere(acc: Accelerator, loss: torch.Tensor) -> bool:

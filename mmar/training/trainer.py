@@ -8,7 +8,7 @@ sample grids, and a final ``save_pretrained`` directory.
 ``train`` runs named steps on one :class:`Run`: :func:`setup`, :func:`resume`,
 then :func:`run_epoch` (each batch through :func:`train_step`, then
 :func:`after_step` / :func:`log_step`) until ``max_steps``, and :func:`finish`.
-The parts live in their own modules: :mod:`.lifecycle` (the Run, setup, resume,
+The parts live in their own modules: :mod:`.lifecycle` (setup, resume,
 finish), :mod:`.acceleration`, :mod:`.build`, :mod:`.batches`, :mod:`.step`
 and :mod:`.reporting`; their public names stay importable from here.
 """
