@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -rfEs
 
 $(MODEL)/model.safetensors: | install
 	$(VENV)/bin/mmar train --config configs/digits.yaml --output_dir $(MODEL)
