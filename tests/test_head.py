@@ -103,3 +103,58 @@ def test_ddim_fast_path_equals_diffusers_step(monkeypatch):
     sched = head.sampler()
     sched.set_timesteps(12)
     assert head.linear_steps(sched, "DDIMScheduler") is None
+
+
+def test_a_fresh_head_outputs_exactly_zero_and_its_first_loss_is_the_targets_second_moment():
+    """The output layer and every AdaLN modulation start at zero, so a fresh head's network outputs exactly
+    0 for any input; its loss is then E|goal|^2, which on unit-normal targets is 1 for both prediction types
+    (epsilon: E|noise|^2; v: alpha^2 + sigma^2 = 1) and 2 for the flow head (E|noise - x0|^2). One optimizer
+    step moves the output off zero."""
+    from mmar.heads import FlowHead
+
+    torch.manual_seed(0)
+    x, t, cond = torch.randn(64, 6), torch.randint(0, 1000, (64,)), torch.randn(64, 5)
+    for head, expected in [(DiffusionHead(token_dim=6, cond_dim=5, width=32, depth=2), 1.0),
+                           (DiffusionHead(token_dim=6, cond_dim=5, width=32, depth=2, prediction_type="epsilon"), 1.0),
+                           (FlowHead(token_dim=6, cond_dim=5, width=32, depth=2), 2.0)]:
+        assert torch.equal(head.net(x, t.float(), cond), torch.zeros(64, 6)), type(head).__name__
+        torch.manual_seed(1)
+        loss = head.loss(torch.randn(4096, 5), torch.randn(4096, 6))  # 4096 x 6 x batch_mul draws
+        assert abs(loss.item() - expected) < 0.05, (type(head).__name__, loss.item())
+        opt = torch.optim.SGD(head.parameters(), lr=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert head.net(x, t.float(), cond).abs().max() > 1e-4  # trainable: the zero init is not a dead end
+
+
+def test_guidance_mixes_known_branch_outputs_by_the_formula(monkeypatch):
+    """The network's output replaced by known per-branch values: single guidance returns u + s (c - u),
+    exactly c at s = 1 and exactly u at s = 0; dual guidance returns
+    none + s_img (image_only - none) + s (full - image_only), exactly full at s = s_img = 1."""
+    from mmar.heads.guidance import guide
+
+    c, u = torch.tensor([[1.0, 2.0], [-3.0, 0.5]]), torch.tensor([[0.5, -1.0], [1.0, 0.5]])
+    assert torch.equal(guide(torch.cat([c, u]), 2, 3.0), torch.tensor([[2.0, 8.0], [-11.0, 0.5]]))  # by hand
+    assert torch.equal(guide(torch.cat([c, u]), 2, 1.0), c) and torch.equal(guide(torch.cat([c, u]), 2, 0.0), u)
+    full, image_only, none = c, u, torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    three = torch.cat([full, image_only, none])
+    # none + 1.5 (image_only - none) + 4 (full - image_only), by hand
+    assert torch.equal(guide(three, 3, 4.0, 1.5), torch.tensor([[2.75, 10.0], [-15.5, -0.25]]))
+    assert torch.equal(guide(three, 3, 1.0, 1.0), full)
+    assert torch.equal(guide(three, 3, 4.0), guide(three, 3, 4.0, 1.0))  # image scale unset: 1
+    # inside the head: the network's output is the branch's own known value, the same x goes to each branch
+    head = DiffusionHead(token_dim=2, cond_dim=3, width=16, depth=1)
+    seen = []
+
+    def known(xin, mods):
+        seen.append(xin)
+        return torch.cat([c, u, none][:xin.shape[0] // 2])
+
+    monkeypatch.setattr(head.net, "denoise", known)
+    x = torch.randn(2, 2)
+    mods, branches = head.step_modulations(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(1))
+    assert branches == 2
+    torch.testing.assert_close(head.guided_output(x, mods, 2, (2.5, None)), u + 2.5 * (c - u))
+    assert torch.equal(head.guided_output(x, mods, 2, (1.0, None)), c)
+    assert torch.equal(seen[0], torch.cat([x, x]))
