@@ -212,3 +212,95 @@ def test_a_fresh_model_with_a_fewstep_head_keeps_the_zeroed_embeddings():
     for emb in (head.target_embed, head.guide_embed):
         assert torch.count_nonzero(emb[-1].weight) == 0 and torch.count_nonzero(emb[-1].bias) == 0
         assert torch.count_nonzero(emb[0].weight) > 0  # the first layer is drawn, not zeroed
+
+
+def guided_gaussian_teacher() -> DiffusionHead:
+    """A toy diffusion head trained with condition dropout: token | c ~ N(c A, 0.3^2 I), and with the
+    condition dropped (zeros, the "unconditional branch") the marginal over c."""
+    torch.manual_seed(0)
+    head = DiffusionHead(token_dim=2, cond_dim=2, width=48, depth=2, diffusion_batch_mul=4)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    for _ in range(400):
+        c = torch.rand(256, 2) * 2 - 1
+        keep = (torch.rand(256, 1) > 0.3).float()
+        loss = head.loss(c * keep, c @ A + SIGMA * torch.randn(256, 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval().requires_grad_(False)
+
+
+def test_embedded_guidance_student_draws_the_guided_distribution_from_the_condition_alone(tmp_path):
+    """Guidance distillation: a student with ``embedded_guidance`` sees only the conditional branch, yet its
+    1-step samples have, at w = 3, the CFG-guided teacher's mean and spread (teacher: both branches, 20
+    steps) and, at w = 1, the unguided teacher's; and it ignores any unconditional rows it is handed."""
+    spec = {"name": "diffusion", "width": 48, "depth": 2, "diffusion_batch_mul": 4}
+    teacher, w = guided_gaussian_teacher(), 3.0
+    student = FewStepHead.from_teacher(teacher, spec, steps=1, teacher_steps=20, guidance_scales=[1.0, w],
+                                       embedded_guidance=True)
+    assert student.needs_guidance_branch is False and student.spec()["embedded_guidance"] is True
+    assert FewStepHead.from_teacher(teacher, spec, steps=1, teacher_steps=20).needs_guidance_branch is True
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.rand(4000, 2, generator=gen) * 2 - 1
+    pool = teacher_pool(student, teacher, cond, torch.zeros_like(cond), [1.0, w], 4096, gen)
+    val = teacher_pool(student, teacher, cond[:500], torch.zeros(500, 2), [1.0, w], 512, gen)
+    args = DistillArguments(model="m", output="o", max_steps=800, batch_size=256, learning_rate=2e-3,
+                            logging_steps=400, progress=False)
+    train_student(student, pool, val, args, str(tmp_path / "log.jsonl"))
+    guided, plain = {}, {}
+    for c in [(-0.8, 0.6), (0.7, 0.9), (0.5, -0.7)]:
+        x = torch.tensor(c).expand(2000, 2)
+        g = teacher.sample(x, uncond=torch.zeros_like(x), guidance_scale=w, num_inference_steps=20,
+                           generator=torch.Generator().manual_seed(9))
+        p = teacher.sample(x, num_inference_steps=20, generator=torch.Generator().manual_seed(9))
+        guided[c], plain[c] = (g.mean(0), g.std(0)), (p.mean(0), p.std(0))
+    assert stats_error(lambda c, g: teacher.sample(c, num_inference_steps=20, generator=g), guided) > 0.25
+    for scale, ref, other in ((w, guided, plain), (1.0, plain, guided)):
+        err = stats_error(lambda c, g: student.sample(c, guidance_scale=scale, generator=g), ref)
+        assert err < 0.12, (scale, err)
+        assert err < 0.4 * stats_error(lambda c, g: student.sample(c, guidance_scale=scale, generator=g), other)
+    c = torch.rand(64, 2)
+    a = student.sample(c, guidance_scale=w, generator=torch.Generator().manual_seed(1))
+    b = student.sample(c, uncond=torch.randn(64, 2), guidance_scale=w, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def _backbone_rows(pipe) -> list[int]:
+    """Record the batch size of every backbone call of ``pipe``'s model."""
+    seen = []
+    pipe.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    return seen
+
+
+def test_embedded_guidance_cli_model_samples_without_the_unconditional_copy(tmp_path, tiny_dir):
+    """``mmar distill-head --embedded_guidance true``: the saved student reloads with the flag, and under
+    CFG the sampler runs the backbone on the conditional rows alone (the plain few-step head: twice as many
+    rows), handing the head the guidance scale; dual guidance (which needs the branches) is refused."""
+    from mmar.cli import main
+    from mmar.pipeline import MMARPipeline
+
+    common = ["--model", str(tiny_dir), "--teacher_steps", "5", "--guidance_scales", "1", "2", "--pairs", "128",
+              "--max_steps", "2", "--max_samples", "32", "--batch_size", "64", "--progress", "false"]
+    for name, flag in (("embedded", "true"), ("plain", "false")):
+        assert main(["distill-head", *common, "--output", str(tmp_path / name), "--embedded_guidance", flag]) == 0
+    rows = {}
+    for name in ("embedded", "plain"):
+        pipe = MMARPipeline.from_pretrained(tmp_path / name)
+        pipe.set_progress_bar_config(disable=True)
+        head = pipe.model.heads["image"]
+        assert head.embedded_guidance is (name == "embedded")
+        scales, sample = [], head.sample
+        head.sample = lambda cond, uncond=None, guidance_scale=1.0, **kw: (
+            scales.append((uncond is None, guidance_scale)) or sample(cond, uncond=uncond,
+                                                                     guidance_scale=guidance_scale, **kw))
+        seen = _backbone_rows(pipe)
+        out = pipe(["draw the digit seven"] * 3, mode="image", guidance_scale=2.0, max_items=1,
+                   generator=[torch.Generator().manual_seed(i) for i in range(3)])
+        assert [len(r) for r in out.images] == [1, 1, 1] and out.images[0][0].size == (8, 8)
+        rows[name] = set(seen)
+        assert set(scales) == {(name == "embedded", 2.0)}
+    assert rows == {"embedded": {3}, "plain": {6}}
+    pipe = MMARPipeline.from_pretrained(tmp_path / "embedded")
+    with pytest.raises(ValueError, match="image_guidance_scale"):
+        pipe(["draw the digit seven"], mode="image", guidance_scale=2.0, image_guidance_scale=1.5, max_items=1)

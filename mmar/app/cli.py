@@ -150,7 +150,7 @@ def cmd_distill_head(ns: argparse.Namespace) -> int:
 
     options = {k: getattr(ns, k) for k in ("steps", "teacher_steps", "guidance_scales", "pairs", "max_steps",
                                             "batch_size", "learning_rate", "modality", "dataset", "data_files",
-                                            "max_samples", "seed", "num_threads", "progress")}
+                                            "max_samples", "seed", "embedded_guidance", "num_threads", "progress")}
     summary = distill(DistillArguments(model=ns.model, output=ns.output, **options))
     print(f"mmar: distilled {summary['modality']} head ({summary['teacher']['name']}, {ns.teacher_steps} steps) "
           f"into a {ns.steps}-step head: held-out loss {summary['val_loss_before']:.4g} -> "
@@ -438,6 +438,9 @@ def _add_distill_head(sub) -> None:
     p.add_argument("--max_samples", type=_count(1), default=None,
                    help="use the first N generation samples of the data (default: all)")
     p.add_argument("--seed", type=_count(0), default=0)
+    p.add_argument("--embedded_guidance", type=_bool, default=False, metavar="BOOL",
+                   help="distil the guidance into the head: it draws guided tokens from the conditional branch "
+                        "alone, so sampling under CFG runs no unconditional copy (about half the backbone cost)")
     p.add_argument("--num_threads", type=_count(0), default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--progress", type=_bool, default=True, metavar="BOOL", help="show a progress bar")
 

@@ -106,7 +106,8 @@ class Sampler:
         self.gens = _row_generators(generator, self.B)
         self.embed_tokens = model.get_input_embeddings()
         guided = (settings.guidance_scale != 1.0 or settings.image_guidance_scale is not None) and \
-            mode != "text" and bool(self.t.names)
+            mode != "text" and bool(self.t.names) and (settings.image_guidance_scale is not None or any(
+                model.heads[m].needs_guidance_branch for m in self.t.names))  # heads with guidance distilled in
         self.branches = branch_names(guided, settings.image_guidance_scale)  # full [, items], none
         self.n_branch, self.cfg = len(self.branches), guided
         self._check_dual_heads()

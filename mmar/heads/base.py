@@ -54,6 +54,9 @@ class Head(nn.Module):
     name = ""
     # signature options :func:`head_defaults` leaves out of a config (so config.json keeps the keys it has had)
     unsaved_options: tuple[str, ...] = ()
+    # False: the head draws guided tokens from the conditional branch alone (guidance distilled into it),
+    # so the sampler runs no unconditional copy for it (half the backbone rows under CFG)
+    needs_guidance_branch: bool = True
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

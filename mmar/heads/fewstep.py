@@ -19,6 +19,14 @@ teacher's form, ``u + w (c - u)`` of the two branches (one batched call), but th
 teacher trajectory, and ``w`` is an input, as in latent consistency models: the student learns the
 guided map for the distilled scales instead of extrapolating a 1-step guess.
 
+With ``embedded_guidance`` (``mmar distill-head --embedded_guidance true``) the student sees the
+conditional branch alone, ``w`` still an input, and is trained on the same guided teacher trajectories:
+guidance distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"; FLUX.1-dev's
+guidance embedding). The unconditional branch's context (BOS and the item so far) is a part of the
+conditional one's, so the guided map is a function of the conditional context; the sampler then runs no
+unconditional copy of the sequence for this head (``needs_guidance_branch``), which halves the backbone's
+rows under CFG, the cost a 1-step head leaves.
+
 Why this and not consistency distillation, shortcut models or MeanFlow training: those exist because the
 teacher's full trajectory is too expensive to compute for every training example of a large image
 model, so they bootstrap from one teacher step (consistency distillation: errors compound along the
@@ -102,16 +110,20 @@ class TeacherSchedule:
 @register_head("fewstep")
 class FewStepHead(ContinuousHead):
     def __init__(self, token_dim: int, cond_dim: int, teacher: dict, steps: int = 1, teacher_steps: int = 50,
-                 guidance_scales: list[float] | tuple[float, ...] = (1.0, 3.0), num_inference_steps: int | None = None):
+                 guidance_scales: list[float] | tuple[float, ...] = (1.0, 3.0), num_inference_steps: int | None = None,
+                 embedded_guidance: bool = False):
         """``teacher``: the distilled head's spec (its network's size, schedule and sampler); ``steps``: the
         grid the student was distilled on (it samples in 1..``steps`` evaluations, ``num_inference_steps``
-        by default); ``teacher_steps``: the teacher's steps; ``guidance_scales``: the CFG scales distilled."""
+        by default); ``teacher_steps``: the teacher's steps; ``guidance_scales``: the CFG scales distilled;
+        ``embedded_guidance``: draw guided tokens from the conditional branch alone (no CFG copy)."""
         if not 1 <= steps <= teacher_steps:
             raise ValueError(f"need 1 <= steps <= teacher_steps, got steps={steps}, teacher_steps={teacher_steps}")
         schedule = TeacherSchedule(dict(teacher), teacher_steps)
         super().__init__(token_dim, cond_dim, schedule.width, schedule.depth)
         self.steps, self.teacher_steps, self.schedule = steps, teacher_steps, schedule
         self.teacher, self.guidance_scales = dict(teacher), [float(w) for w in guidance_scales]
+        self.embedded_guidance = bool(embedded_guidance)
+        self.needs_guidance_branch = not self.embedded_guidance
         self.num_inference_steps = num_inference_steps or steps
         self.check_steps(self.num_inference_steps)
         self.grid = [k * teacher_steps // steps for k in range(steps + 1)]  # student grid, as teacher states
@@ -137,7 +149,8 @@ class FewStepHead(ContinuousHead):
     def spec(self) -> dict:
         """This head's config entry (what ``build_head`` rebuilds it from)."""
         return {"name": self.name, "teacher": self.teacher, "steps": self.steps, "teacher_steps": self.teacher_steps,
-                "guidance_scales": self.guidance_scales, "num_inference_steps": self.num_inference_steps}
+                "guidance_scales": self.guidance_scales, "num_inference_steps": self.num_inference_steps,
+                "embedded_guidance": self.embedded_guidance}
 
     def check_steps(self, steps: int) -> None:
         if not 1 <= steps <= self.steps:
@@ -157,9 +170,12 @@ class FewStepHead(ContinuousHead):
     def jump(self, x: torch.Tensor, i: int, j: int, cond: torch.Tensor, uncond: torch.Tensor | None = None,
              guidance_scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """The state at student-grid time ``j`` predicted from ``x`` at grid time ``i`` (one evaluation,
-        both CFG branches in one call). ``guidance_scale``: a number, or one per row ``[n]``."""
+        both CFG branches in one call). ``guidance_scale``: a number, or one per row ``[n]``. With
+        ``embedded_guidance`` ``uncond`` is ignored: the conditional branch alone, ``guidance_scale`` an input."""
         ti, tj = self.grid[i], self.grid[j]
-        cfg = uncond is not None
+        if self.embedded_guidance:
+            uncond = None
+        cfg = uncond is not None or self.embedded_guidance
         w = torch.as_tensor(guidance_scale if cfg else 1.0, dtype=x.dtype, device=x.device).reshape(-1)
         w = w.expand(x.shape[0]) if w.numel() == 1 else w
         times = torch.tensor([self.schedule.times[ti], self.schedule.times[tj]], device=x.device)

@@ -55,6 +55,7 @@ class DistillArguments:
     dataset_options: dict = field(default_factory=dict)
     max_samples: int | None = None  # use the first N generation samples of the data only
     seed: int = 0
+    embedded_guidance: bool = False  # the student sees the conditional branch alone (no CFG copy in sampling)
     logging_steps: int = 50
     num_threads: int = 0
     progress: bool = True
@@ -268,7 +269,7 @@ def distill(args: DistillArguments) -> dict:
     teacher, spec = pipe.model.heads[modality], dict(pipe.model.config.modalities[modality].head)
     scales = args.guidance_scales or default_scales(pipe)
     student = FewStepHead.from_teacher(teacher, spec, steps=args.steps, teacher_steps=args.teacher_steps,
-                                       guidance_scales=scales)
+                                       guidance_scales=scales, embedded_guidance=args.embedded_guidance)
     tmp = args.output.rstrip(os.sep) + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
