@@ -313,7 +313,12 @@ def test_ema_is_saved_as_the_final_model(tmp_path, tiny_dir, chat_jsonl):
     again = train(resumed, "--ema_decay", "0.5", "--save_steps", "1", "--resume_from_checkpoint", "latest")
     for k, v in ema.items():
         torch.testing.assert_close(again[k], v, rtol=1e-5, atol=1e-6, msg=k)
-    assert MMARModel.from_pretrained(tmp_path / "ema") is not None
+    # the model loaded from the output directory is the EMA, not the raw weights
+    loaded = MMARModel.from_pretrained(tmp_path / "ema").state_dict()
+    assert set(ema) <= set(loaded)
+    for k, v in ema.items():
+        assert torch.equal(loaded[k], v), k
+    assert any(not torch.allclose(loaded[k], w3[k], atol=1e-5) for k in ema)
 
 
 def test_streamed_jsonl_trains_and_resumes_mid_epoch(tmp_path, tiny_dir, chat_jsonl):
