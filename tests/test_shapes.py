@@ -136,6 +136,31 @@ def test_tiny_model_trains_on_shapes():
     assert torch.isfinite(out.loss) and out.modality_losses["image"] > 0 and out.text_loss > 0
     out.loss.backward()
     assert model.projections["image"][0].weight.grad.abs().sum() > 0
+    # it learns: 100 AdamW steps on these 4 samples. Losses read with the same noise and timesteps (seed 123)
+    # before and after; a fresh backbone's text loss is ln(vocabulary) (near-uniform logits), the image
+    # loss ends below that of a head whose output is zero. Measured (make_tiny seeds 0-2): text 5.71-5.73
+    # -> 0.06-0.07, image 7.6-8.9 -> 0.61-0.63 against 0.955 for the zero output.
+    def losses():
+        torch.manual_seed(123)
+        with torch.no_grad():
+            o = model(**batch)
+        return o.text_loss.item(), o.modality_losses["image"].item()
+
+    text0, _ = losses()
+    assert abs(text0 - np.log(model.lm_head.out_features)) < 0.2, text0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    text, image = losses()
+    head = model.heads["image"].net.out
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    _, zero_output = losses()
+    assert text < 0.5, text
+    assert image < 0.85 * zero_output, (image, zero_output)
 
 
 class _ScriptedPipe:
