@@ -17,6 +17,9 @@ from mmar.training.lora import apply_lora
 from tests.conftest import TINY_MODALITIES
 
 
+IN_MEMORY = {}  # adapter directory -> the PeftModel it was saved from (still in memory)
+
+
 def _make_adapter(base_dir, out, seed):
     """A LoRA adapter on ``base_dir`` whose weights (LoRA matrices, head copies, token rows) are random."""
     model = apply_lora(MMARModel.from_pretrained(base_dir), {"r": 4, "alpha": 8}, base_path=str(base_dir))
@@ -27,6 +30,7 @@ def _make_adapter(base_dir, out, seed):
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(out)
     MMARProcessor.from_pretrained(base_dir).save_pretrained(out)
+    IN_MEMORY[str(out)] = model.eval()
     return out
 
 
@@ -47,6 +51,42 @@ def _hidden(model, batch):
         return model(batch["input_ids"], batch["attention_mask"], values=batch["values"]).hidden_states
 
 
+def _outputs(model, batch, cond=None):
+    """What the model makes of ``batch``: its hidden states, the LM head's logits on them, and its image
+    head's noise prediction for fixed noise and timesteps plus a 3-step sample from fixed noise, both for the
+    condition ``cond`` (default: this model's own first 16 hidden states), so a head that differs shows even
+    where the hidden states agree."""
+    with torch.no_grad():
+        h = model(batch["input_ids"], batch["attention_mask"], values=batch["values"]).hidden_states
+        cond = h.reshape(-1, h.shape[-1])[:16] if cond is None else cond
+        head = model.heads["image"]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(len(cond), head.token_dim, generator=g)
+        t = torch.randint(0, 1000, (len(cond),), generator=g)
+        sample = head.sample(cond, num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+        return {"hidden": h, "logits": model.lm_head(h), "head_prediction": head.net(x, t, cond), "head_sample": sample}
+
+
+def _cond(batch, model):
+    """A fixed head condition: ``model``'s first 16 hidden states of ``batch``."""
+    h = _outputs(model, batch)["hidden"]
+    return h.reshape(-1, h.shape[-1])[:16]
+
+
+def _same(a, b, atol=None):
+    """Every output equal (``atol=None``: bit for bit) or within ``atol``; the first that is not is named."""
+    for k in a:
+        if atol is None:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _all_differ(a, b, atol=1e-3):
+    for k in a:
+        assert not torch.allclose(a[k], b[k], atol=atol), f"{k} unchanged by the adapter"
+
+
 def _latents(pipe):
     out = pipe("draw a 3", mode="image", output_type="latent", generator=torch.Generator().manual_seed(0))
     return out.latents[0][0][1]
@@ -63,8 +103,24 @@ def test_adapter_directory_loads_like_a_model_directory(tiny_dir, adapters, batc
     base = MMARPipeline.from_pretrained(tiny_dir)
     base.set_progress_bar_config(disable=True)
     assert not torch.allclose(_hidden(pipe.model, batch), _hidden(base.model, batch), atol=1e-3)
+    # hidden states, LM logits and the image head's outputs (for one fixed condition as well as for each
+    # model's own hidden states): the in-memory model it was saved from = the reloaded adapter (both ways of
+    # loading it, bit for bit) = the merged model (up to float rounding); the base differs in each
+    in_memory = IN_MEMORY[str(adapters[0])]
+    cond = _cond(batch, in_memory)
+    for c in (None, cond):
+        want = _outputs(in_memory, batch, c)
+        _same(want, _outputs(pipe.model, batch, c))
+        _same(want, _outputs(peft_model, batch, c))
+        _all_differ(want, _outputs(base.model, batch, c))
+    merged_dir = adapters[0].parent / "a_merged"
+    assert main(["merge-lora", "--adapter", str(adapters[0]), "--output", str(merged_dir)]) == 0
+    for c in (None, cond):
+        _same(_outputs(in_memory, batch, c), _outputs(MMARModel.from_pretrained(merged_dir).eval(), batch, c), 1e-4)
     # the sampler uses the adapter's own head copy: generation equals the merged model's
     merged = peft_model.merge_and_unload().eval()
+    for c in (None, cond):
+        _same(_outputs(in_memory, batch, c), _outputs(merged, batch, c), 1e-4)
     assert not torch.allclose(_latents(pipe), _latents(base), atol=1e-3)
     assert torch.allclose(_latents(pipe), _latents(MMARPipeline(merged, pipe.processor)), atol=1e-4)
 
@@ -101,8 +157,10 @@ def test_one_base_serves_several_adapters(tiny_dir, adapters, batch):
     assert not any("lora" in n or "modules_to_save" in n or "token_adapter" in n
                    for n, _ in pipe.model.named_modules())
     pipe.load_lora_weights(adapters[1])  # loads again after an unload
+    _same(_outputs(IN_MEMORY[str(adapters[1])], batch), _outputs(pipe.model, batch))  # logits, head too
     pipe.fuse_lora()
     assert pipe.get_list_adapters() == [] and torch.allclose(_hidden(pipe.model, batch), only[1], atol=1e-5)
+    _same(_outputs(IN_MEMORY[str(adapters[1])], batch), _outputs(pipe.model, batch), 1e-4)
 
 
 def test_base_is_found_next_to_a_moved_adapter_and_saves_round_trip(tmp_path, tiny_dir, adapters, batch):
