@@ -81,6 +81,11 @@ class MMARProcessor:
             raise TypeError(f"text must be str, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("empty text segment: give some text, or leave the segment out")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (bytes decoded with surrogateescape): no tokenizer takes it
+            raise ValueError(f"text is not valid Unicode: {e.reason} at position {e.start} "
+                             f"({text[e.start:e.end]!r}); decode bytes as UTF-8 before passing them") from None
         for tok in self.reserved:
             if tok in text:
                 raise ValueError(f"text {text[:40]!r} contains the reserved token {tok!r}; "

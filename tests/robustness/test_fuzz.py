@@ -66,28 +66,61 @@ arrays = st.one_of(
 )
 
 
-def _check_one_image(proc, enc) -> None:
+def _check_one_image(proc, enc, pixels=None) -> None:
     """An accepted image becomes exactly one item: start, ``num_tokens`` placeholders, end, and as many finite
-    continuous tokens of the tokenizer's width."""
+    continuous tokens of the tokenizer's width; with ``pixels`` (``[C, H, W]`` in [0, 1]) given, those tokens
+    decode back to exactly these pixels (the content went through, not just the shape)."""
     tok, ids = proc.modality_tokenizers["image"], proc.token_ids["image"]
     n = tok.num_tokens()
     assert enc.input_ids.count(ids["start"]) == enc.input_ids.count(ids["end"]) == 1
     assert enc.input_ids.count(ids["token"]) == n
     (values,) = enc.values["image"]
     assert values.shape == (n, tok.token_dim) and bool(torch.isfinite(values).all())
+    if pixels is not None:
+        torch.testing.assert_close(tok.decode_pixels(values[None])[0], torch.as_tensor(pixels, dtype=torch.float32),
+                                   rtol=0, atol=1e-5)
+
+
+def _image_input(item):
+    """For a case of ``arrays``: the pixels ``[1, 8, 8]`` it must encode to when it is accepted (None when it
+    must be refused), and the words the refusal must contain (the problem named: the size, shape, values or
+    type that is wrong)."""
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:  # a constant grey level, any size
+        h, w = item.shape
+        ok = (h, w) == (8, 8)
+        return (torch.full((1, 8, 8), int(item.flat[0]) / 255.0) if ok else None), f"image is {w}x{h} (width x height)"
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        t = torch.as_tensor(item, dtype=torch.float32)
+        t = t[None] if t.ndim == 2 else t
+        if t.ndim != 3 or tuple(t.shape) != (1, 8, 8):
+            return None, f"image tensor has shape {tuple(t.shape)}"
+        if not torch.isfinite(t).all():
+            return None, "NaN or inf"
+        if t.min() < 0 or t.max() > 1:
+            return None, "values must lie in [0, 1]"
+        return t, ""
+    if isinstance(item, str):
+        return None, f"{item}: image file not found"
+    return None, f"cannot read an image from {type(item).__name__}"
 
 
 @FUZZ
 @given(item=arrays)
 def test_image_tokenizer_and_sequence_builder(tiny, item):
+    """Accepted exactly when the input is an 8 x 8 image (uint8 array or [1, 8, 8] tensor in [0, 1]), and then
+    encoded to its own pixels; refused otherwise with the library's error naming what is wrong."""
     _, proc = tiny
+    pixels, problem = _image_input(item)
     try:
         enc = proc.encode([Message("user", [Image(item), "which digit is this?"]), Message("assistant", "3")])
-        _check_one_image(proc, enc)
-        _count("image inputs", "ok")
     except CLEAR as e:
-        assert str(e)
+        assert pixels is None, f"refused a valid image: {e}"
+        assert str(e).startswith("image segment rejected: ") and problem in str(e), (problem, str(e))
         _count("image inputs", "clear_error")
+        return
+    assert pixels is not None, f"accepted {type(item).__name__} {getattr(item, 'shape', item)!r}, expected {problem!r}"
+    _check_one_image(proc, enc, pixels)
+    _count("image inputs", "ok")
 
 
 corrupt_files = st.one_of(
@@ -134,14 +167,21 @@ def test_text_and_roles(tiny, text, role):
     _, proc = tiny
     try:
         enc = proc.encode([Message(role, text)])
-        # accepted: a known role, and the text stays text: no modality token slips in through it
-        assert role in ("user", "assistant", "system"), role
-        special = {i for ids in proc.token_ids.values() for i in ids.values()}
-        assert not special & set(enc.input_ids) and not any(enc.values.values()), text
-        _count("texts and roles", "ok")
     except CLEAR as e:
-        assert str(e)
+        # the problem named: the unknown role, the reserved token typed in, or the empty segment
+        if role not in ("user", "assistant", "system"):
+            assert f"unknown role {role!r}" in str(e), str(e)
+        else:
+            assert any(w in str(e) for w in ("reserved token", "empty text segment", "not valid Unicode")), (text, str(e))
+            assert "reserved token" not in str(e) or any(t in text for t in proc.tokenizer.all_special_tokens), text
         _count("texts and roles", "clear_error")
+        return
+    # accepted: a known role, and the text stays text: no modality token slips in through it
+    assert role in ("user", "assistant", "system"), role
+    special = {i for ids in proc.token_ids.values() for i in ids.values()}
+    assert not special & set(enc.input_ids) and not any(enc.values.values()), text
+    assert len(enc.input_ids) > 1, repr(text)  # BOS and the text's own tokens
+    _count("texts and roles", "ok")
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
@@ -285,11 +325,19 @@ def test_prompt_sizes_and_item_counts(tiny, text, items):
     try:
         enc = pipe._encode(pipe._prompt(text, [Image(i) for i in images]), None, "text")
         assert len(enc) < positions  # anything accepted leaves room for the answer
-        pipe(text, images=images, max_new_tokens=1, mode="text")
-        _count("prompt sizes", "ok")
+        out = pipe(text, images=images, max_new_tokens=1, mode="text")
     except CLEAR as e:
-        assert str(e)
+        # the limit and what exceeded it are named: too many images (their count), or the text (shorten it)
+        if not text.strip() and not items:
+            assert "empty prompt" in str(e), str(e)
+        else:
+            assert f"max_position_embeddings is {positions}" in str(e), str(e)
+            assert f"holds {items} image items" in str(e) or "shorten it" in str(e), str(e)
         _count("prompt sizes", "clear_error")
+        return
+    assert len(out.segments) == 1 and all(isinstance(x, str) for x in out.segments[0]), out.segments  # one text answer
+    assert items * 18 < positions  # 18 positions an image (start, 16 tokens, end): what was accepted fits
+    _count("prompt sizes", "ok")
 
 
 # -- training data of any size and quality, and damaged checkpoints (issue 10 items 1, 3, 4, 5, 8) -------------
@@ -422,6 +470,11 @@ def test_report_counts(capsys):
         for name, c in COUNTS.items():
             print(f"\n[fuzz] {name}: {c['cases']} cases, {c['clear_error']} clear errors, {c['ok']} accepted "
                   "(each checked)")
-    for name in ("image inputs", "corrupt files", "texts and roles"):
+    both = ["image inputs", "corrupt files", "texts and roles", "image files", "audio files", "prompt sizes"]
+    if N >= 100:  # the rarer outcomes (an accepted corrupt file, a damaged checkpoint refused) need the cases
+        both += ["checkpoint files", "jsonl records"]
+    for name in both:
         if name in COUNTS:
             assert COUNTS[name]["ok"] > 0 and COUNTS[name]["clear_error"] > 0, (name, COUNTS[name])
+    for name, c in COUNTS.items():
+        assert c["cases"] == c["ok"] + c["clear_error"] > 0, (name, c)
