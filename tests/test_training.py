@@ -114,6 +114,12 @@ def test_condition_dropout_empties_generation_prompts(tiny):
     assert dropped(0.5, epoch=1) == expected(0.5, epoch=1) != half
     assert dropped(0.5, seed=1) == expected(0.5, seed=1) != half
     assert dropped(0.0) == set() and dropped(1.0) == {i for i, _ in t2i}
+    # the rate itself, on a sample big enough for a narrow window: n = 4000 draws of one text-to-image sample
+    # at p = 0.3 drop Binomial(4000, 0.3) rows, sd = sqrt(p (1 - p) / n) = 0.0072; 5 sd = +-0.036 around 0.3
+    n, p = 4000, 0.3
+    many = Collator(proc, cond_dropout_prob=p, seed=0)([(i, t2i[0][1]) for i in range(n)])["input_ids"]
+    rate = (many[:, 1] == start).float().mean().item()
+    assert abs(rate - p) < 5 * (p * (1 - p) / n) ** 0.5, rate
     i2t = [ds[i] for i in range(len(ds)) if ds.index[i][0] == "i2t"][:50]
     kept = Collator(proc, cond_dropout_prob=1.0)(i2t)  # understanding samples keep their question
     assert torch.equal(kept["input_ids"], proc(i2t)["input_ids"])
