@@ -102,10 +102,12 @@ def test_train_tokenizer_cli_end_to_end(tmp_path):
     heldout = report["heldout"]
     assert heldout["psnr_db"] == pytest.approx(10 * np.log10(1 / heldout["mse"])) and heldout["psnr_peak"] == 1.0
     # it learned the digits, not just their average: beat the mean training image (11.3 dB on the held-out
-    # digits; a black image scores 6.3 dB) by 2 dB (measured: 14.9 dB after these 80 steps)
+    # digits; a black image scores 6.3 dB) by 1 dB. Measured after these 80 steps with seeds 0-5
+    # (/work/runs/t1/vae_seeds.py): 14.86, 14.21, 13.48, 14.16, 13.48, 14.20 dB, i.e. 2.2-3.6 dB above the
+    # mean image; the former +2 dB sat 0.17 dB under the worst seed, on training noise
     xtr, xte = (load_digit_split(s)[0] / 255.0 for s in ("train", "test"))
     mean_image_psnr = 10 * np.log10(1 / ((xte - xtr.mean(0)) ** 2).mean())
-    assert heldout["psnr_db"] > mean_image_psnr + 2.0, (heldout["psnr_db"], mean_image_psnr)
+    assert heldout["psnr_db"] > mean_image_psnr + 1.0, (heldout["psnr_db"], mean_image_psnr)
     assert (out / "fit_curve.png").stat().st_size > 0
     tok = ModalityTokenizer.from_pretrained(out)
     assert tok.trained and tok.num_tokens() == 4 and tok.token_dim == 8  # 4x4x2 latents in 2x2 patches
