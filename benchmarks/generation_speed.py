@@ -14,6 +14,9 @@ Where ``--fast`` does not exist yet it is distilled first (``mmar distill-head``
 Without a flow model, ``--flow_frozen STEPS --recipe CONFIG`` trains a flow head on the teacher's frozen
 backbone (as ``flow_vs_diffusion.py --frozen`` does) for the flow row. A zero-cost head (zeros) gives the
 ceiling of any head speed-up: the backbone step and the sampler alone.
+A few-step student distilled with ``--embedded_guidance true`` runs no CFG copy (its row says so). With
+``--peers ard transfusion``: the samplers of autoregressive-diffusion-pytorch 0.4 and transfusion-pytorch 0.20,
+built as ``benchmarks/peers.py`` builds them at ``--recipe``'s matched parameters, timed in the same turns.
 With ``--speculative LAYERS K``: continuous speculative decoding (a draft of the first LAYERS layers, K drafts
 per target call) beside its reference, the same stochastic DDIM chain drawn by the target alone.
 Writes the section "generation-speed" of BENCHMARKS.md and the headline block of README.md.
@@ -100,8 +103,9 @@ def settings(args) -> list[tuple[str, str, int | None, dict]]:
     rows = [("diffusion, DDIM 50 (default)", args.model, 50, {}), ("diffusion, DDIM 10", args.model, 10, {})]
     for fast in args.fast:
         student = json.load(open(os.path.join(fast, "config.json")))["modalities"]["image"]["head"]
-        rows += [(f"few-step head ({student['steps']}-step student `{fast}`), {k} step{'s' if k > 1 else ''}", fast,
-                  k, {}) for k in range(1, student["steps"] + 1)]
+        embedded = ", guidance distilled in (no CFG copy)" if student.get("embedded_guidance") else ""
+        rows += [(f"few-step head ({student['steps']}-step student `{fast}`{embedded}), {k} step{'s' if k > 1 else ''}",
+                  fast, k, {}) for k in range(1, student["steps"] + 1)]
     if args.flow:
         rows.append(("flow, Euler 8", args.flow, 8, {}))
     rows.append((CEILING, args.model, 1, {}))
@@ -114,7 +118,49 @@ def settings(args) -> list[tuple[str, str, int | None, dict]]:
                   {"draft": L, "num_draft_tokens": 0}),
                  (f"speculative decoding, draft = first {L} layers, {k} drafts per call, stochastic DDIM 50",
                   args.model, 50, {"draft": L, "num_draft_tokens": k})]
+    for system in peer_systems(args):
+        rows.append((f"{PEER} {system.name} {peer_version(system.name)} ({system.params / 1e6:.2f}M parameters, "
+                     f"its own sampler{', CFG' if system.name == 'transfusion-pytorch' else ', no CFG'}; "
+                     "untrained weights: sampling cost only)", None, None, {"peer": system}))
     return rows
+
+
+PEER = "peer:"
+
+
+def peer_version(name: str) -> str:
+    from peers import pkg_version
+
+    return pkg_version(name)
+
+
+def peer_systems(args) -> list:
+    """With ``--peers``: transfusion-pytorch and autoregressive-diffusion-pytorch built as
+    ``benchmarks/peers.py`` builds them, at ``--recipe``'s parameters (its image tokens, its widths matched),
+    to time their samplers (the cost of drawing does not depend on the weights)."""
+    if not args.peers:
+        return []
+    import peers
+
+    ns = argparse.Namespace(config=args.recipe, guidance_scale=args.guidance_scale, match="params",
+                            peers=args.peers, recipes=["mmar"])
+    ctx = peers.setup(ns)
+    systems = peers.build_systems(ctx, ns)[1:]  # the first is mmar itself
+    for system in systems:
+        system.params = peers.n_params(system.model)
+    return systems
+
+
+def time_peer(system, digits: list[int], single: int) -> tuple[float, float]:
+    """Seconds a peer takes to draw ``digits`` in batches of 32, and ``single`` images one at a time."""
+    m = system.sampler()
+    system.draw(m, [0], 0, 1)  # warm-up
+    start = time.perf_counter()
+    system.draw(m, digits, 1, BATCH)
+    b32 = time.perf_counter() - start
+    start = time.perf_counter()
+    system.draw(m, digits[:single], 2, 1)
+    return b32, time.perf_counter() - start
 
 
 def measure(args, rows, digits, clf, mlp, real) -> dict:
@@ -124,6 +170,12 @@ def measure(args, rows, digits, clf, mlp, real) -> dict:
     pipes, results = {}, {}
     for rep in range(args.repeat):
         for label, path, steps, extra in rows:
+            if "peer" in extra:
+                secs, secs1 = time_peer(extra["peer"], digits, args.single)
+                r = results.setdefault(label, {"b32": secs, "b1": secs1, "peer": extra["peer"].name})
+                r["b32"], r["b1"] = min(r["b32"], secs), min(r["b1"], secs1)
+                print(label, {k: v for k, v in r.items()}, flush=True)
+                continue
             pipe = pipes.setdefault(path, load(path))
             head = pipe.model.heads["image"]
             if label == CEILING:  # what a token costs without its head: the backbone step and the sampler
@@ -164,6 +216,9 @@ def table(results: dict, n: int, single: int, noise: float) -> tuple[list[str], 
         if label == CEILING:
             lines.append(speed + " – (blank images) | – | – |")
             continue
+        if label.startswith(PEER):
+            lines.append(speed + " – (sampling cost only) | – | – |")
+            continue
         equal = r["acc"] >= base["acc"] - 0.01 and r["fd"] <= base["fd"] + 2 * noise  # equal or better
         lines.append(speed + f" {r['acc']:.1%} | {r['fd']:.2f} | {'yes' if equal else 'no'} |")
         if label.startswith("few-step") and "compiled" not in label:
@@ -175,8 +230,9 @@ def headline(verdict: dict, base: dict, noise: float, ceiling: dict, model: str)
     """The README sentence: the best equal-quality few-step setting against the 5x target, or the shortfall,
     and the ceiling (a zero-cost head) that bounds any head's speed-up."""
     equal = {k: v for k, v in verdict.items() if v[0]}
-    bound = (f" A zero-cost head would give {base['b1'] / ceiling['b1']:.1f}x / {base['b32'] / ceiling['b32']:.1f}x: "
-             "what is left is the backbone step and the sampler.")
+    bound = (f" A zero-cost head that keeps the CFG copy would give {base['b1'] / ceiling['b1']:.1f}x / "
+             f"{base['b32'] / ceiling['b32']:.1f}x: what is left is the backbone step (two rows per image under CFG, "
+             "one with the guidance distilled into the head) and the sampler.")
     if equal:
         label, (_, s1, s32, r) = max(equal.items(), key=lambda kv: kv[1][2])
         met = "meets" if min(s1, s32) >= 5 else "is short of"
@@ -187,6 +243,23 @@ def headline(verdict: dict, base: dict, noise: float, ceiling: dict, model: str)
     return (f"On `{model}`, the {label} is {s1:.1f}x (batch 1) / {s32:.1f}x (batch {BATCH}) as fast as DDIM 50 but "
             f"not at equal quality (accuracy {r['acc']:.1%} vs {base['acc']:.1%}, FD {r['fd']:.2f} vs "
             f"{base['fd']:.2f}, noise band +-{2 * noise:.2f}): the 5x target at equal quality is not met." + bound)
+
+
+def peers_note(results: dict, verdict: dict, n32: int, n1: int) -> str:
+    """The best equal-quality mmar setting's images/s against each peer's sampler, at both batch sizes."""
+    peers = {label: r for label, r in results.items() if label.startswith(PEER)}
+    equal = {k: v for k, v in verdict.items() if v[0]}
+    if not peers or not equal:
+        return ""
+    label, (_, _, _, r) = max(equal.items(), key=lambda kv: kv[1][2])
+    parts, ahead = [], True
+    for peer in peers.values():
+        b32, b1 = peer["b32"] / r["b32"], peer["b1"] / r["b1"]  # mmar's speed over the peer's
+        ahead &= min(b32, b1) > 1
+        parts.append(f"{peer['peer']} draws {n32 / peer['b32']:.1f} / {n1 / peer['b1']:.2f} images/s, mmar "
+                     f"{b32:.1f}x / {b1:.1f}x that")
+    return (f" Against the peers' samplers at matched parameters (batch {BATCH} / batch 1; mmar: the {label}): "
+            f"{'; '.join(parts)}: mmar is " + ("ahead of both." if ahead else "not ahead of every peer at both batch sizes."))
 
 
 def flow_note(args) -> str:
@@ -209,6 +282,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also the compiled static-cache sampler (slow to compile)")
     ap.add_argument("--speculative", type=int, nargs=2, default=None, metavar=("LAYERS", "K"),
                     help="also continuous speculative decoding: a draft of the first LAYERS layers, K drafts per call")
+    ap.add_argument("--peers", nargs="*", choices=["transfusion", "ard"], default=[],
+                    help="also time the samplers of these peers at --recipe's matched parameters (needs [bench])")
     ap.add_argument("--per_digit", type=int, default=10)
     ap.add_argument("--single", type=int, default=10, help="images drawn one at a time for the batch-1 rate")
     ap.add_argument("--guidance_scale", type=float, default=3.0)
@@ -241,7 +316,8 @@ def main() -> None:
         f"`python benchmarks/generation_speed.py --model {args.model} --fast {' '.join(args.fast)}"
         + (f" --flow_frozen {args.flow_frozen} --recipe {args.recipe}" if args.flow_frozen else
            f" --flow {args.flow}" if args.flow else "") + (" --compile" if args.compile else "") + \
-        (f" --speculative {args.speculative[0]} {args.speculative[1]}" if args.speculative else "")
+        (f" --speculative {args.speculative[0]} {args.speculative[1]}" if args.speculative else "") + \
+        (f" --peers {' '.join(args.peers)}" if args.peers else "")
         + f"` on {machine()}. **The machine was shared with other jobs: absolute times are noisy; compare the "
         "ratios, measured within this one run** (best of " + f"{args.repeat}, settings taken in turn). Teacher "
         f"`{args.model}` ({size}), few-step heads {', '.join(f'`{d}`' for d in args.fast)}{made}. End to end through "
@@ -251,11 +327,11 @@ def main() -> None:
         f"and FD are shown. FD of random {len(digits)}-image subsets of real training digits: {fd_mean:.2f} +- "
         f"{noise:.2f}; *DDIM 50's quality or better* = accuracy at most 1 point below DDIM 50's and FD at most "
         f"2 x {noise:.2f} above it.",
-        "", *lines, "", head + flow_note(args), ""])
+        "", *lines, "", head + peers_note(results, verdict, len(digits), args.single) + flow_note(args), ""])
     print(body)
     if not args.no_write:
         update_section("generation-speed", body)
-        update_readme_block("generation-speed", head + f" (`benchmarks/generation_speed.py`, {time.strftime('%Y-%m-%d')}, on a shared CPU; "
+        update_readme_block("generation-speed", head + peers_note(results, verdict, len(digits), args.single) + f" (`benchmarks/generation_speed.py`, {time.strftime('%Y-%m-%d')}, on a shared CPU; "
                       "see the section \"Generation speed\" of `BENCHMARKS.md`.)")
 
 

@@ -59,7 +59,7 @@ from mmar.eval.digits import (classify, features, fit_classifier, fit_feature_ex
                               parse_digit, answer_images)
 from mmar.sequence import Image, Message, Text  # noqa: E402
 
-NUM_IMAGE_TOKENS = 16
+NUM_IMAGE_TOKENS = 16  # tokens per digit image; set from the recipe's tokenizer by set_image_tokens
 OWN = {"transfusion-pytorch": dict(lr=3e-4, weight_decay=0.0, warmup=0, clip=0.5, decay=False, ema="beta0.99"),
        "autoregressive-diffusion-pytorch": dict(lr=3e-4, weight_decay=0.0, warmup=0, clip=None, decay=False,
                                                 ema="defaults")}
@@ -76,6 +76,13 @@ def pkg_version(name: str) -> str:
 
 
 # -- the peers' models --------------------------------------------------------------------------------
+def set_image_tokens(processor) -> int:
+    """The peers' image length: the recipe's tokens per 8x8 digit (16 with 2x2 patches, 4 with 4x4)."""
+    global NUM_IMAGE_TOKENS
+    NUM_IMAGE_TOKENS = processor.modality_tokenizers["image"].num_tokens()
+    return NUM_IMAGE_TOKENS
+
+
 def build_transfusion(dim: int, depth: int, heads: int, ff_ratio: float, processor, prob_uncond: float):
     from loguru import logger
     from transfusion_pytorch import Transfusion
@@ -114,10 +121,12 @@ def matched_width(build: Callable[[int], torch.nn.Module], target: int, step: in
     return min((a * step, b * step), key=lambda w: abs(params(w) - target))
 
 
-def digit_code(digits) -> torch.Tensor:
-    """The autoregressive-diffusion-pytorch prompt: each digit as one continuous token, its 4 bits as +-1."""
+def digit_code(digits, token_dim: int = 4) -> torch.Tensor:
+    """The autoregressive-diffusion-pytorch prompt: each digit as one continuous token of ``token_dim``
+    values (the image tokens' size), its 4 bits as +-1, zeros after."""
     d = torch.as_tensor(digits).long()
-    return ((d[:, None] >> torch.arange(4)) & 1).float() * 2 - 1
+    bits = ((d[:, None] >> torch.arange(4)) & 1).float() * 2 - 1
+    return torch.cat([bits, bits.new_zeros(len(d), token_dim - 4)], dim=1)
 
 
 # -- transfusion-pytorch's data ----------------------------------------------------------------------
@@ -351,14 +360,14 @@ def ard_system(ctx: dict, width: int, recipe: str) -> System:
 
     def loss(idx):
         rows = [i % len(y) for i in idx]  # the shared order, over the training digits
-        return model(torch.cat([digit_code(y[rows])[:, None], patches[rows]], dim=1))
+        return model(torch.cat([digit_code(y[rows], tok.token_dim)[:, None], patches[rows]], dim=1))
 
     def draw(m, digits, seed, batch=100):
         m.eval()
         torch.manual_seed(seed)
         images = []
         for _, chunk in chunks(digits, batch):
-            out = m.sample(batch_size=len(chunk), prompt=digit_code(chunk)[:, None])
+            out = m.sample(batch_size=len(chunk), prompt=digit_code(chunk, tok.token_dim)[:, None])
             images += tok.decode(out[:, 1:].clamp(-1, 1))
         return images
 
@@ -418,6 +427,7 @@ def setup(args) -> dict:
     dataset = build_dataset(dargs.dataset, "train", seed=targs.seed, pairs_per_image=dargs.pairs_per_image,
                             shift_prob=dargs.shift_prob, data_files=dargs.data_files)
     model, processor = build_everything(margs, dataset)
+    set_image_tokens(processor)
     bb = margs.backbone
     head = dict(model.config.modalities["image"].head)
     return {"margs": margs, "targs": targs, "dataset": dataset, "model": model, "processor": processor,
