@@ -45,7 +45,7 @@ bench: install
 	$(PY) benchmarks/orthus_table.py --runs runs
 	$(PY) benchmarks/sampling_steps.py --model runs/bench-digits
 	test -f runs/digits-flow/model.safetensors || $(VENV)/bin/mmar train --config configs/digits-flow.yaml --output_dir runs/digits-flow
-	$(PY) benchmarks/flow_vs_diffusion.py --diffusion runs/bench-digits --flow runs/digits-flow
+	$(PY) benchmarks/flow_vs_diffusion.py --diffusion runs/digits-2x2 --flow runs/digits-flow
 	$(PY) benchmarks/peers.py --budget seconds
 	$(PY) benchmarks/peers.py --budget flops
 	$(PY) benchmarks/image_sizes.py --config configs/digits-sizes-large.yaml --num_threads 1

@@ -1,6 +1,6 @@
 """Flow-matching head against the diffusion head: quality against sampling steps and time on digits.
 
-Two models trained with the same recipe, only the image head differs: ``configs/digits.yaml`` (diffusion
+Two models trained with the same recipe, only the image head differs: ``configs/digits-2x2.yaml`` (diffusion
 head, v-prediction, DDIM) and ``configs/digits-flow.yaml`` (rectified flow, Euler). Diffusion is sampled
 with DDIM 10 / 25 / 50 steps, flow with 4 / 8 / 16 Euler steps; for each: text-to-image accuracy (the SVC
 judge), Fréchet distance to the held-out digits (MLP features, as in ``mmar eval``) and the time to draw
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no_write", action="store_true")
     ap.add_argument("--frozen", default=None, help="compare fresh heads on this model's frozen backbone")
-    ap.add_argument("--diffusion_config", default="configs/digits.yaml")
+    ap.add_argument("--diffusion_config", default="configs/digits-2x2.yaml")
     ap.add_argument("--flow_config", default="configs/digits-flow.yaml")
     ap.add_argument("--head_steps", type=int, default=1600)
     ap.add_argument("--head_rows", type=int, default=1536, help="image tokens per head step (about a batch of 64)")
@@ -176,7 +176,7 @@ def main() -> None:
                + ", ".join(f"{h} {s:.0f} s" for h, s in head_train.items()) + "). Only the head differs. ")
     else:
         how = (f"`python benchmarks/flow_vs_diffusion.py --diffusion {args.diffusion} --flow {args.flow}` on "
-               f"{machine()}. Two models trained with the same recipe (`configs/digits.yaml`, 1,600 steps of batch "
+               f"{machine()}. Two models trained with the same recipe (`configs/digits-2x2.yaml`, 1,600 steps of batch "
                "64), only the image head differs: diffusion (v-prediction, cosine schedule, DDIM) and flow "
                "(`configs/digits-flow.yaml`: rectified flow, logit-normal t, Euler). ")
     title = "## Flow-matching head against the diffusion head: quality against sampling steps (digits)"

@@ -1,7 +1,7 @@
 """The miniature Orthus / MMAR table: continuous tokens + diffusion head against VQ tokens + codebook
 head, same backbone, data, training steps and sampling settings, on digits, shapes and scenes.
 
-Trains whatever is missing (``configs/digits.yaml`` / ``configs/digits-vq.yaml`` after
+Trains whatever is missing (``configs/digits-2x2.yaml`` / ``configs/digits-vq.yaml`` after
 ``configs/vq-digits.yaml``; ``configs/shapes.yaml`` / ``configs/shapes-vq.yaml`` after
 ``configs/vq-shapes.yaml``; ``configs/scenes.yaml`` / ``configs/scenes-vq.yaml`` after
 ``configs/vq-scenes.yaml``), evaluates each model with ``mmar eval`` and writes the table into
@@ -23,7 +23,7 @@ from report import machine, update_section  # noqa: E402
 
 # task -> (continuous config, its run, discrete config, its run, VQ tokenizer config, its dir)
 SETUPS = {
-    "digits": ("configs/digits.yaml", "bench-digits", "configs/digits-vq.yaml", "digits-vq",
+    "digits": ("configs/digits-2x2.yaml", "digits-2x2", "configs/digits-vq.yaml", "digits-vq",
                "configs/vq-digits.yaml", "vq-digits"),
     "shapes": ("configs/shapes.yaml", "shapes", "configs/shapes-vq.yaml", "shapes-vq",
                "configs/vq-shapes.yaml", "vq-shapes"),

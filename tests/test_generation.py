@@ -199,20 +199,27 @@ def test_unconditional_rows_see_bos_and_the_drawn_item_only(tiny, monkeypatch, m
     out = _run(model, proc, b, [0, 1], mode=mode, guidance_scale=3.0, max_new_tokens=2,
                max_items=1 if mode == "image" else 2, use_cache=use_cache)
     B, P = b["input_ids"].shape
-    assert [c["attention_mask"].shape for c in calls] == [(2 * B, P + i) for i in range(len(calls))]
+    # columns fed before each call: one more per call, or two where an item's end token came with its last token
+    widths = [c["attention_mask"].shape[1] - P for c in calls]
+    assert widths[0] == 0 and all(c["attention_mask"].shape[0] == 2 * B for c in calls)
+    steps = [w - v for v, w in zip(widths, widths[1:])]
+    assert set(steps) <= {1, 2} and 2 in steps
     for r in range(B):
         gen = out.token_ids[r]
         assert gen.count(ids["token"]) == n * (1 if mode == "image" else 2)
+        for v, w in zip(widths, widths[1:]):
+            if w - v == 2:  # only ever the last latent of an item and its (certain) end token
+                assert gen[w - 2] == ids["token"] and gen[w - 1] == ids["end"], (r, v, w)
         prompt_ids, prompt_mask = b["input_ids"][r].tolist(), b["attention_mask"][r].tolist()
         want = _reference_uncond(prompt_ids, prompt_mask, gen, proc.bos_id, ids["start"], ids["token"])
         real = [j for j, m in enumerate(prompt_mask) if m]
         hidden_text = [j for j in real if prompt_ids[j] not in (proc.bos_id, ids["start"])]
         assert hidden_text  # the prompt has text to hide
-        for i, c in enumerate(calls):
+        for i, (c, cols) in enumerate(zip(calls, widths)):
             mask = c["attention_mask"]
             seen = mask[B + r].nonzero().flatten().tolist()
-            assert seen == want[min(i, len(gen))], f"row {r}, call {i}"
-            assert mask[r].nonzero().flatten().tolist() == real + list(range(P, P + min(i, len(gen))))
+            assert seen == want[min(cols, len(gen))], f"row {r}, call {i}"
+            assert mask[r].nonzero().flatten().tolist() == real + list(range(P, P + min(cols, len(gen))))
             assert mask[B + r, hidden_text].eq(0).all()
             pos, emb = c["position_ids"], c["inputs_embeds"]
             if pos.shape[1] == mask.shape[1]:  # the whole sequence in this call: check every seen column

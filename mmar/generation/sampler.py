@@ -186,16 +186,17 @@ class Sampler:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> GenerationOutput:
         ran: list[bool] | None = None  # rows that took part in the previous step
-        for _ in range(self.limit):
+        while True:
             snap = self.snapshot()
             if ran is not None:
                 self.deliver(snap.last, ran)
             if all(snap.done):
                 break
+            if self.length - self.prompt_length >= self.limit:  # the limit: every token is handed over
+                break
             ran = [not d for d in snap.done]
             h = self.forward()
-            step = _Step(ids=torch.full_like(self.item, self.t.pad), embed=self.pad_embed.expand(self.B, -1).clone(),
-                         cond=torch.zeros_like(self.item), uncond=torch.zeros_like(self.item))
+            step = self._new_step()
             self.step_latents = {}
             self.step_sizes(h, snap, step)
             self.step_items(h, snap, step)
@@ -203,12 +204,32 @@ class Sampler:
             self.step_text(h, snap, step)
             self.advance(step)
             self.bar.update(1)
-        else:  # the limit: the last step's tokens are still to be handed over
-            self.deliver(self.snapshot().last, ran)
+            if self._all_closing(snap, ran):
+                self._close_now(ran)
         self.bar.close()
         for r in self.rows:
             r.finish()
         return assemble(self.rows)
+
+    def _new_step(self) -> _Step:
+        return _Step(ids=torch.full_like(self.item, self.t.pad), embed=self.pad_embed.expand(self.B, -1).clone(),
+                     cond=torch.zeros_like(self.item), uncond=torch.zeros_like(self.item))
+
+    def _all_closing(self, snap: _Snapshot, ran: list[bool]) -> bool:
+        """Whether every row still running just drew the last token of its item (host state, no sync):
+        its end token is then certain, and the backbone call on the last token would be wasted on it."""
+        return self.length - self.prompt_length < self.limit and all(
+            not r or (snap.item[b] >= 0 and not snap.sizing[b] and snap.k[b] + 1 == snap.need[b])
+            for b, r in enumerate(ran))
+
+    def _close_now(self, ran: list[bool]) -> None:
+        """Append the end tokens in the same step: the next backbone call reads the last item token and
+        the end token together (one call per item fewer; the same sequence, positions and masks)."""
+        self.deliver(self.last.tolist(), ran)  # the item's last token and its latent
+        self.step_latents = {}
+        step = self._new_step()
+        self.close_items(self.snapshot(), step)
+        self.advance(step, append=True)
 
     def snapshot(self) -> _Snapshot:
         """The row state on the host: one device-to-host copy per step, not one per row."""
@@ -232,8 +253,9 @@ class Sampler:
         if self.cache is None:
             return self._prefill()
         static = self.s.cache_implementation == "static"
+        n = self.step_embeds.shape[1]  # new columns: 1, or 2 when an item's end token came with its last token
         kwargs = dict(inputs_embeds=self.step_embeds, attention_mask=self.mask if static else self.mask[:, :L],
-                      position_ids=self.pos[:, L - 1:L], use_cache=True, **{CACHE: self.cache})
+                      position_ids=self.pos[:, L - n:L], use_cache=True, **{CACHE: self.cache})
         if self.s.compile:  # fixed shapes every step: one compiled graph for the whole call
             out = compiled_decoder(self.model)(**kwargs)
             return out.last_hidden_state[:, -1]
@@ -394,8 +416,9 @@ class Sampler:
         self.mask[u, :L] = torch.where(start[:, None], reset, self.mask[u, :L])
         self.count[u] = torch.where(start, seen.sum(-1), self.count[u])
 
-    def advance(self, step: _Step) -> None:
-        """Write the new column into the preallocated mask and positions."""
+    def advance(self, step: _Step, append: bool = False) -> None:
+        """Write the new column into the preallocated mask and positions (``append``: a second new column
+        in the same step, fed with the first in one backbone call)."""
         L = self.length
         cols = torch.cat([step.cond, *[step.uncond] * (self.n_branch - 1)]) if self.cfg else step.cond
         embeds = step.embed.repeat(self.n_branch, 1) if self.cfg else step.embed
@@ -404,8 +427,9 @@ class Sampler:
         self.pos[:, L] = (self.count - 1).clamp(min=0)
         if not self.s.use_cache:
             self.embeds[:, L] = embeds
-        self.step_embeds, self.length = embeds[:, None], L + 1
-        self.last = step.ids
+        new = embeds[:, None]
+        self.step_embeds = torch.cat([self.step_embeds, new], 1) if append else new
+        self.length, self.last = L + 1, step.ids
 
 
 @torch.no_grad()
