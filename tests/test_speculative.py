@@ -247,16 +247,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_layer_draft_accepts_more_than_one_token_per_target_call(trained_digits, one_thread):
-    """On the trained 3-layer digits model its first 2 layers as the draft (k = 4, unguided, 100-step chain):
-    10 digit prompts commit more than one image token per target backbone call, in images of the model's size.
-    Measured 1.82-2.32 tokens per call over seeds 0-4 (the bound below is far from that); without drafts
-    (k = 0) it is exactly 1. The digit judge is not asked: this quick model's plain sampler draws the prompted
-    digit in only about a third of its images."""
+def test_layer_draft_accepts_more_than_one_token_per_target_call(trained_digits_2x2, one_thread):
+    """On the trained 16-token digits model (configs/digits-quick-2x2.yaml, 3 layers) its first 2 layers as
+    the draft (k = 4, unguided, 100-step chain): 10 digit prompts commit more than one image token per target
+    backbone call, in images of the model's size. Measured 1.82-2.32 tokens per call over seeds 0-4 (the
+    bound below is far from that); without drafts (k = 0) it is exactly 1. (On the 4-token quick model a
+    half-depth draft commits only 1.03-1.21 tokens per call: few tokens per image leave little to accept.)"""
     from mmar.datasets.digits import t2i_prompt
     from mmar.pipeline import MMARPipeline
 
-    pipe = MMARPipeline.from_pretrained(trained_digits)
+    pipe = MMARPipeline.from_pretrained(trained_digits_2x2)
     pipe.set_progress_bar_config(disable=True)
     assert len(pipe.model.decoder.layers) == 3
     prompts = [t2i_prompt(d, d) for d in range(10)]
