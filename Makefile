@@ -43,7 +43,11 @@ bench: install
 	$(PIP) install -q --no-deps "autoregressive-diffusion-pytorch==0.4.0"
 	$(PY) benchmarks/digits_quality.py --output_dir runs/bench-digits
 	$(PY) benchmarks/orthus_table.py --runs runs
+	$(PY) benchmarks/scenes_quality.py --model runs/scenes
 	$(PY) benchmarks/sampling_steps.py --model runs/bench-digits
+	test -d runs/bench-digits-fast || $(VENV)/bin/mmar distill-head --model runs/bench-digits --output runs/bench-digits-fast
+	test -d runs/bench-digits-fast-emb || $(VENV)/bin/mmar distill-head --model runs/bench-digits --output runs/bench-digits-fast-emb --embedded_guidance true
+	$(PY) benchmarks/generation_speed.py --model runs/bench-digits --fast runs/bench-digits-fast-emb runs/bench-digits-fast --flow_frozen 600 --recipe configs/digits.yaml --compile --speculative 2 4 --peers ard transfusion
 	test -f runs/digits-flow/model.safetensors || $(VENV)/bin/mmar train --config configs/digits-flow.yaml --output_dir runs/digits-flow
 	$(PY) benchmarks/flow_vs_diffusion.py --diffusion runs/digits-2x2 --flow runs/digits-flow
 	$(PY) benchmarks/peers.py --budget seconds
