@@ -123,13 +123,17 @@ class FewStepHead(ContinuousHead):
         self.steps, self.teacher_steps, self.schedule = steps, teacher_steps, schedule
         self.teacher, self.guidance_scales = dict(teacher), [float(w) for w in guidance_scales]
         self.embedded_guidance = bool(embedded_guidance)
-        self.needs_guidance_branch = not self.embedded_guidance
         self.num_inference_steps = num_inference_steps or steps
         self.check_steps(self.num_inference_steps)
         self.grid = [k * teacher_steps // steps for k in range(steps + 1)]  # student grid, as teacher states
         self.target_embed = _embedding(self.schedule.width)
         self.guide_embed = _embedding(self.schedule.width)
         self.init_own_weights()
+
+    @property
+    def needs_guidance_branch(self) -> bool:
+        """No unconditional copy for a student with the guidance distilled in."""
+        return not self.embedded_guidance
 
     def init_own_weights(self) -> None:
         """Zero the target and guidance embeddings' last layers (the student starts as its teacher's network).
